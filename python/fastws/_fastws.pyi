@@ -1,0 +1,54 @@
+"""The native core of fastws (Rust, built with PyO3). Use it through ``fastws.Server``; this stub documents it."""
+
+from typing import Any
+
+from fastws.types import ChannelInfo
+
+__version__: str
+
+class NativeServer:
+    """A WebSocket server whose sockets, channels and fan-out live in Rust threads.
+
+    Args:
+        settings: The resolved settings (``fastws.config.Settings.as_dict()``); unknown keys are ignored.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None: ...
+    def start(self) -> None:
+        """Bind and serve in background threads.
+
+        Raises:
+            OSError: the address cannot be bound (for example, the port is in use).
+            RuntimeError: this server is already running.
+        """
+
+    def stop(self) -> None:
+        """Close every connection with 1001 "going away" and wait until the server threads end. Idempotent."""
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port when port 0 was asked for."""
+
+    def push(self, channel: str, payload: bytes, exclude: str | None = None) -> int:
+        """Deliver ``payload`` (JSON bytes) to the channel's subscribers on this node, except socket ``exclude``.
+
+        Returns:
+            How many subscribers it was queued for.
+
+        Raises:
+            ValueError: invalid channel name, or the payload is not JSON.
+            RuntimeError: the server is not running.
+        """
+
+    def connection_count(self) -> int:
+        """Open WebSocket connections."""
+
+    def channels(self) -> list[ChannelInfo]:
+        """Every channel with at least one subscriber, sorted by name."""
+
+    def channel_stats(self, name: str) -> ChannelInfo:
+        """One channel; a channel nobody is subscribed to reports 0 subscribers."""

@@ -1,0 +1,309 @@
+"""``fastws.Server``: settings, lifecycle (run / start / stop) and the push and stats API of one server.
+
+The sockets, channels and fan-out live in the native core (``fastws._fastws.NativeServer``); this class resolves
+the settings, owns the process-wide "current server" that the module-level functions act on, and runs the
+application's own Python (start/stop hooks and timers) on Python threads, never on the core's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, Union
+
+from fastws._encode import encode_payload
+from fastws._fastws import NativeServer
+from fastws.config import Settings, check_keyword_names, describe_mode, resolve_settings
+from fastws.errors import AlreadyRunning, NotRunning
+from fastws.types import ChannelInfo
+
+__all__ = ["ChannelTarget", "Server", "UserTarget", "current_server"]
+
+logger = logging.getLogger("fastws")
+
+Hook = Callable[[], Union[None, Awaitable[None]]]
+H = TypeVar("H", bound=Hook)
+
+# One server per process: the module-level push()/channels()/... act on it.
+_current: Server | None = None
+_current_lock = threading.Lock()
+
+
+def current_server() -> Server:
+    """The server running in this process.
+
+    Raises:
+        NotRunning: no server has been started in this process.
+    """
+    server = _current
+    if server is None:
+        raise NotRunning(
+            "no fastws server is running in this process: start one with fastws.Server(...).start(), "
+            "or run this code inside `fastws serve module:server`"
+        )
+    return server
+
+
+class Server:
+    """A fastws WebSocket server.
+
+    Every keyword is a setting (see docs/configuration.md); ``fastws.toml``, ``FASTWS_*`` environment variables
+    and ``fastws serve`` flags override them, in that order.
+
+    Example:
+        >>> server = fastws.Server(port=9501, client_publish=["chat.*"])
+        >>> server.run()  # blocks until Ctrl-C or SIGTERM
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        check_keyword_names(settings)
+        # Validate the keywords alone now, so a mistake is reported where it was written.
+        resolve_settings(settings, env={})
+        self._kwargs = dict(settings)
+        self._native: NativeServer | None = None
+        self._settings: Settings | None = None
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
+        self._timers: list[tuple[float, Hook]] = []
+        self._stop_timers = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self, *, config_path: str | None = None, cli: Mapping[str, Any] | None = None) -> None:
+        """Start serving in background threads of this process and return at once.
+
+        Args:
+            config_path: A ``fastws.toml`` to read (else ``FASTWS_CONFIG``, else none).
+            cli: Settings given on the command line (highest precedence).
+
+        Raises:
+            AlreadyRunning: a server already runs in this process.
+            ConfigError: a setting from the file, environment or command line is invalid.
+            OSError: the address cannot be bound.
+        """
+        global _current
+        with _current_lock:
+            if _current is not None:
+                which = "this server" if _current is self else "another fastws server"
+                raise AlreadyRunning(f"{which} is already running in this process (one server per process)")
+            settings = resolve_settings(self._kwargs, config_path=config_path, cli=cli)
+            native = NativeServer(settings.as_dict())
+            native.start()
+            self._native, self._settings, _current = native, settings, self
+        host, port = native.address
+        logger.info(
+            "fastws listening on ws://%s:%d (%s; %d workers)", host, port, describe_mode(settings), settings.workers
+        )
+        self._stop_timers.clear()
+        for hook in self._on_start:
+            self._call_hook(hook, "on_start")
+        for interval, func in self._timers:
+            self._spawn(f"fastws-every-{func.__name__}", self._timer_loop, interval, func)
+
+    def stop(self) -> None:
+        """Close every connection with 1001 "going away", stop timers, run on_stop hooks. Idempotent."""
+        global _current
+        native = self._native
+        if native is None:
+            return
+        self._stop_timers.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
+        for hook in self._on_stop:
+            self._call_hook(hook, "on_stop")
+        native.stop()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None
+        with _current_lock:
+            self._native = None
+            if _current is self:
+                _current = None
+        logger.info("fastws stopped")
+
+    def run(self, *, config_path: str | None = None, cli: Mapping[str, Any] | None = None) -> None:
+        """Start, then block until Ctrl-C or SIGTERM, then stop cleanly (clients get 1001 "going away")."""
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+        self.start(config_path=config_path, cli=cli)
+        assert self._settings is not None
+        logger.setLevel(self._settings.log_level.upper())
+        stopping = threading.Event()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, lambda *_: stopping.set())
+        try:
+            while not stopping.wait(0.5):
+                pass
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between start() and stop()."""
+        return self._native is not None
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force (resolved at start)."""
+        if self._settings is None:
+            raise NotRunning("settings are resolved when the server starts")
+        return self._settings
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); with ``port=0`` the port the OS picked."""
+        return self._require().address
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self.address[1]
+
+    # -- hooks and timers ------------------------------------------------------------------------------------
+
+    def on_start(self, func: H) -> H:
+        """Run ``func`` (sync or ``async def``) once the server listens."""
+        self._on_start.append(func)
+        return func
+
+    def on_stop(self, func: H) -> H:
+        """Run ``func`` (sync or ``async def``) when the server stops, before connections are closed."""
+        self._on_stop.append(func)
+        return func
+
+    def every(self, seconds: float) -> Callable[[H], H]:
+        """Run the decorated function (sync or ``async def``) every ``seconds`` while the server runs.
+
+        Ticks never overlap: a tick that overruns delays the next one. Exceptions are logged and the timer goes on.
+        """
+        if not seconds > 0:
+            raise ValueError(f"every() needs a positive interval in seconds, got {seconds!r}")
+
+        def register(func: H) -> H:
+            self._timers.append((float(seconds), func))
+            return func
+
+        return register
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _timer_loop(self, interval: float, func: Hook) -> None:
+        next_tick = time.monotonic() + interval
+        while not self._stop_timers.wait(max(0.0, next_tick - time.monotonic())):
+            self._call_hook(func, f"every({interval:g})")
+            next_tick = max(next_tick + interval, time.monotonic())
+
+    def _call_hook(self, func: Hook, what: str) -> None:
+        try:
+            result = func()
+            if inspect.isawaitable(result):
+                asyncio.run_coroutine_threadsafe(_as_coroutine(result), self._event_loop()).result()
+        except Exception:
+            logger.exception("fastws: %s hook %s raised", what, getattr(func, "__qualname__", func))
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that runs the app's ``async def`` hooks, on a thread of its own, started on first use."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="fastws-async-hooks", daemon=True).start()
+            self._loop = loop
+        return self._loop
+
+    # -- push and stats --------------------------------------------------------------------------------------
+
+    def _require(self) -> NativeServer:
+        native = self._native
+        if native is None:
+            raise NotRunning("this fastws server is not running: call start() or run() first")
+        return native
+
+    def push(self, channel: str, payload: Any, *, exclude: str | None = None) -> int:
+        """Send ``payload`` to every subscriber of ``channel``.
+
+        A dict with an ``"event"`` key is delivered as that object with ``"channel"`` added; anything else as
+        ``{"event": "message", "channel": ..., "data": payload}``. Never blocks on sockets.
+
+        Args:
+            channel: The channel name.
+            payload: Any orjson-serialisable object, or ``bytes`` already holding JSON.
+            exclude: A ``socket_id`` not to deliver to (the sender, in the "to others" case).
+
+        Returns:
+            The number of subscribers on this node it was queued for.
+
+        Raises:
+            ValueError: invalid channel name, or bytes that are not JSON.
+            TypeError: the payload is not JSON-serialisable.
+            NotRunning: the server is not running.
+        """
+        return self._require().push(channel, encode_payload(payload), exclude)
+
+    def to_channel(self, name: str) -> ChannelTarget:
+        """The seed's fluent form: ``server.to_channel("chat.room.1").push({...})``."""
+        return ChannelTarget(self, name)
+
+    def to_user(self, user_id: int | str) -> UserTarget:
+        """``server.to_user(123).push({...})``: every connection of that user (user ids compare as strings)."""
+        return UserTarget(self, str(user_id))
+
+    def connection_count(self) -> int:
+        """Open WebSocket connections."""
+        return self._require().connection_count()
+
+    def channels(self) -> list[ChannelInfo]:
+        """Every channel with at least one subscriber: ``[{"name", "subscribers", "type"}]``, sorted by name."""
+        return self._require().channels()
+
+    def channel_stats(self, name: str) -> ChannelInfo:
+        """``{"name", "subscribers", "type"}`` of one channel (0 subscribers when nobody is subscribed)."""
+        return self._require().channel_stats(name)
+
+
+class ChannelTarget:
+    """What ``to_channel(name)`` returns."""
+
+    def __init__(self, server: Server | None, name: str) -> None:
+        self._server, self.name = server, name
+
+    def push(self, payload: Any, *, exclude: str | None = None) -> int:
+        """Same as ``push(name, payload, exclude=...)``."""
+        return (self._server or current_server()).push(self.name, payload, exclude=exclude)
+
+
+class UserTarget:
+    """What ``to_user(user_id)`` returns."""
+
+    def __init__(self, server: Server | None, user_id: str) -> None:
+        self._server, self.user_id = server, user_id
+
+    def push(self, payload: Any) -> int:
+        """Send ``payload`` to every connection of this user; returns how many connections it was queued for.
+
+        Connections get a user only through authentication (JWT or an authenticate hook). Without it, as in open
+        mode, no connection has a user and this delivers to none (returns 0).
+        """
+        server = self._server or current_server()
+        server._require()
+        encode_payload(payload)  # refuse what cannot be serialised, as push() does
+        return 0
+
+
+async def _as_coroutine(awaitable: Awaitable[None]) -> None:
+    await awaitable

@@ -1,0 +1,189 @@
+//! `fastws._fastws.NativeServer`: the running server as Python sees it (start, stop, push, stats).
+//!
+//! Python's `fastws.Server` (app.py) wraps this class; the stub in `_fastws.pyi` documents it. Each call that can
+//! take time (stop joins the runtime thread; push walks subscriber lists) releases the GIL first.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use pyo3::conversion::FromPyObjectOwned;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::config::{seconds, ChannelPatterns, ServerConfig};
+use crate::hub::{ChannelInfo, ChannelKind, Hub};
+use crate::protocol::{self, Origin};
+use crate::server::RunningServer;
+
+#[pyclass(name = "NativeServer", module = "fastws._fastws", frozen)]
+pub struct PyServer {
+    config: ServerConfig,
+    running: Mutex<Option<RunningServer>>,
+}
+
+/// One resolved setting, or None when it is absent or None (the Rust default then applies).
+fn setting<'py, T: FromPyObjectOwned<'py>>(settings: &Bound<'py, PyDict>, name: &str) -> PyResult<Option<T>> {
+    match settings.get_item(name)? {
+        Some(value) if !value.is_none() => value.extract::<T>().map(Some).map_err(|e| {
+            let error: PyErr = e.into();
+            PyValueError::new_err(format!("invalid setting {name}: {error}"))
+        }),
+        _ => Ok(None),
+    }
+}
+
+impl PyServer {
+    fn hub(&self) -> PyResult<Arc<Hub>> {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        running
+            .as_ref()
+            .map(|server| Arc::clone(server.hub()))
+            .ok_or_else(|| PyRuntimeError::new_err("the server is not running"))
+    }
+}
+
+#[pymethods]
+impl PyServer {
+    /// Build from the resolved settings (`fastws.config.Settings.as_dict()`); unknown keys are ignored.
+    #[new]
+    fn new(settings: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let mut config = ServerConfig::default();
+        if let Some(v) = setting(settings, "host")? {
+            config.host = v;
+        }
+        if let Some(v) = setting(settings, "port")? {
+            config.port = v;
+        }
+        if let Some(v) = setting(settings, "workers")? {
+            config.workers = v;
+        }
+        if let Some(v) = setting(settings, "max_connections")? {
+            config.max_connections = v;
+        }
+        if let Some(v) = setting(settings, "max_message_size")? {
+            config.max_message_size = v;
+        }
+        if let Some(v) = setting(settings, "max_channels_per_connection")? {
+            config.max_channels_per_connection = v;
+        }
+        if let Some(v) = setting::<Vec<String>>(settings, "client_publish")? {
+            config.client_publish = ChannelPatterns::new(&v).map_err(PyValueError::new_err)?;
+        }
+        if let Some(v) = setting(settings, "heartbeat_interval")? {
+            config.heartbeat_interval = seconds(v);
+        }
+        if let Some(v) = setting(settings, "idle_timeout")? {
+            config.idle_timeout = seconds(v);
+        }
+        if let Some(v) = setting(settings, "handshake_timeout")? {
+            config.handshake_timeout = seconds(v);
+        }
+        if let Some(v) = setting(settings, "send_queue_bytes")? {
+            config.send_queue_bytes = v;
+        }
+        if let Some(level) = setting::<String>(settings, "log_level")? {
+            init_logging(&level);
+        }
+        Ok(PyServer {
+            config,
+            running: Mutex::new(None),
+        })
+    }
+
+    /// Bind and start serving in background threads. Raises OSError when the address cannot be bound.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.is_some() {
+            return Err(PyRuntimeError::new_err("this server is already running"));
+        }
+        let config = self.config.clone();
+        let server = py.detach(|| RunningServer::start(config)).map_err(|e| {
+            PyOSError::new_err(format!(
+                "cannot listen on {}:{}: {e}",
+                self.config.host, self.config.port
+            ))
+        })?;
+        *running = Some(server);
+        Ok(())
+    }
+
+    /// Close every connection with 1001 "going away" and wait for the server threads to end. Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        let server = self.running.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(mut server) = server {
+            py.detach(move || server.stop());
+        }
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
+    /// The bound (host, port); the port is the real one when 0 was asked for.
+    #[getter]
+    fn address(&self) -> PyResult<(String, u16)> {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let server = running
+            .as_ref()
+            .ok_or_else(|| PyRuntimeError::new_err("the server is not running"))?;
+        let addr = server.local_addr();
+        Ok((addr.ip().to_string(), addr.port()))
+    }
+
+    /// Deliver `payload` (JSON bytes) to the channel's local subscribers; returns how many it was queued for.
+    #[pyo3(signature = (channel, payload, exclude = None))]
+    fn push(&self, py: Python<'_>, channel: &str, payload: &[u8], exclude: Option<&str>) -> PyResult<usize> {
+        protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
+        let payload = std::str::from_utf8(payload)
+            .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
+        let hub = self.hub()?;
+        let frame = protocol::encode_publication(channel, payload, Origin::Server)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let exclude = exclude.and_then(|socket_id| hub.conn_id_of(socket_id));
+        Ok(py.detach(|| hub.publish(channel, &frame, exclude)))
+    }
+
+    fn connection_count(&self) -> PyResult<usize> {
+        Ok(self.hub()?.connection_count())
+    }
+
+    /// Every channel with local subscribers: `[{"name", "type", "subscribers"}]`, sorted by name.
+    fn channels<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for info in self.hub()?.channels() {
+            list.append(channel_dict(py, &info)?)?;
+        }
+        Ok(list)
+    }
+
+    /// `{"name", "subscribers", "type"}` for one channel; a channel nobody is subscribed to has 0 subscribers.
+    fn channel_stats<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
+        protocol::validate_channel_name(name).map_err(|refusal| PyValueError::new_err(refusal.message))?;
+        let info = self.hub()?.channel_info(name).unwrap_or_else(|| ChannelInfo {
+            name: name.to_owned(),
+            kind: ChannelKind::of(name),
+            subscribers: 0,
+        });
+        channel_dict(py, &info)
+    }
+}
+
+fn channel_dict<'py>(py: Python<'py>, info: &ChannelInfo) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("name", &info.name)?;
+    dict.set_item("subscribers", info.subscribers)?;
+    dict.set_item("type", info.kind.as_str())?;
+    Ok(dict)
+}
+
+/// Route the core's `log` lines to stderr at the configured level. The first server of the process sets it.
+fn init_logging(level: &str) {
+    let filter = match level {
+        "debug" => log::LevelFilter::Debug,
+        "warning" => log::LevelFilter::Warn,
+        "error" => log::LevelFilter::Error,
+        _ => log::LevelFilter::Info,
+    };
+    let _ = env_logger::Builder::new().filter_level(filter).try_init();
+}

@@ -1,0 +1,106 @@
+//! The server's settings as the Rust core sees them.
+//!
+//! Python (`fastws/config.py`) owns the settings model: names, sources, precedence and validation. By the time a
+//! [`ServerConfig`] is built every value is valid; the constructor only rejects what Rust itself cannot represent.
+
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+/// Everything the accept loop, connection tasks and hub need, validated once.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Tokio worker threads.
+    pub workers: usize,
+    pub max_connections: usize,
+    /// Largest inbound message (and frame) in bytes; larger closes with 1009.
+    pub max_message_size: usize,
+    pub max_channels_per_connection: usize,
+    /// Channels on which clients may publish.
+    pub client_publish: ChannelPatterns,
+    /// Ping a client that has been silent this long. Zero disables pings.
+    pub heartbeat_interval: Duration,
+    /// Close a client that sent nothing for this long. Zero disables the check.
+    pub idle_timeout: Duration,
+    /// Drop a TCP connection whose HTTP upgrade is not complete in this time (slowloris).
+    pub handshake_timeout: Duration,
+    /// Bound of each connection's outgoing queue.
+    pub send_queue_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: 9501,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
+            max_connections: 100_000,
+            max_message_size: 65_536,
+            max_channels_per_connection: 100,
+            client_publish: ChannelPatterns::default(),
+            heartbeat_interval: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(600),
+            handshake_timeout: Duration::from_secs(10),
+            send_queue_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A set of channel-name glob patterns (`demo.*`, `chat.room.?`); `*` also matches dots.
+#[derive(Clone, Debug, Default)]
+pub struct ChannelPatterns {
+    set: Option<GlobSet>,
+}
+
+impl ChannelPatterns {
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, String> {
+        if patterns.is_empty() {
+            return Ok(ChannelPatterns { set: None });
+        }
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            let pattern = pattern.as_ref();
+            builder.add(Glob::new(pattern).map_err(|e| format!("bad channel pattern {pattern:?}: {e}"))?);
+        }
+        builder
+            .build()
+            .map(|set| ChannelPatterns { set: Some(set) })
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn matches(&self, channel: &str) -> bool {
+        self.set.as_ref().is_some_and(|set| set.is_match(channel))
+    }
+}
+
+/// Seconds as given by Python (floats allowed) to a Duration; zero and below mean "off".
+pub fn seconds(value: f64) -> Duration {
+    if value.is_finite() && value > 0.0 {
+        Duration::from_secs_f64(value)
+    } else {
+        Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_across_dots_and_empty_matches_nothing() {
+        let p = ChannelPatterns::new(&["demo.*", "chat.room.?"]).unwrap();
+        assert!(p.matches("demo.a.b"));
+        assert!(p.matches("chat.room.1"));
+        assert!(!p.matches("chat.room.12"));
+        assert!(!p.matches("other"));
+        assert!(!ChannelPatterns::default().matches("anything"));
+        assert!(ChannelPatterns::new(&["*"]).unwrap().matches("anything"));
+    }
+
+    #[test]
+    fn bad_pattern_is_an_error() {
+        assert!(ChannelPatterns::new(&["a[b"]).is_err());
+    }
+}

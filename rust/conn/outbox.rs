@@ -1,0 +1,126 @@
+//! Stage: fan-out writer, producer side. Each connection's bounded outgoing queue.
+//!
+//! The hub pushes shared frames into a connection's [`Outbox`] without blocking and without touching the socket;
+//! the connection task drains it. The bound is in bytes (`send_queue_bytes`): a subscriber that cannot keep up
+//! passes it, is marked slow and is closed with 4100, so it never delays the others and never grows memory
+//! without limit (the slow-consumer rule of centrifuge's writer.go).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, Notify};
+use tungstenite::Utf8Bytes;
+
+/// Connection id, unique within this process. The socket_id clients see is `"<node>.<ConnId>"`.
+pub type ConnId = u64;
+
+pub struct Outbox {
+    pub id: ConnId,
+    tx: mpsc::UnboundedSender<Utf8Bytes>,
+    queued_bytes: AtomicUsize,
+    limit: usize,
+    overflowed: AtomicBool,
+    /// Wakes the connection task when the queue overflowed, even while it is stuck writing to the socket.
+    overflow_signal: Notify,
+}
+
+/// The consumer side, owned by the connection task.
+pub struct OutboxReceiver {
+    rx: mpsc::UnboundedReceiver<Utf8Bytes>,
+}
+
+impl Outbox {
+    pub fn new(id: ConnId, limit: usize) -> (Self, OutboxReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outbox = Outbox {
+            id,
+            tx,
+            queued_bytes: AtomicUsize::new(0),
+            limit,
+            overflowed: AtomicBool::new(false),
+            overflow_signal: Notify::new(),
+        };
+        (outbox, OutboxReceiver { rx })
+    }
+
+    /// Queue a frame. Returns false when it was not queued: the connection is gone or has been marked slow.
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        if self.overflowed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let len = frame.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.limit {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            if !self.overflowed.swap(true, Ordering::Relaxed) {
+                self.overflow_signal.notify_one();
+            }
+            return false;
+        }
+        if self.tx.send(frame).is_err() {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the queue has overflowed.
+    pub async fn overflowed(&self) {
+        if !self.is_overflowed() {
+            self.overflow_signal.notified().await;
+        }
+    }
+
+    /// Called by the connection task once a frame has been handed to the socket.
+    pub fn written(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+impl OutboxReceiver {
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_arrive_in_order_and_the_bound_marks_the_queue_slow() {
+        let (outbox, mut rx) = Outbox::new(1, 10);
+        assert!(outbox.push(Utf8Bytes::from_static("12345")));
+        assert!(outbox.push(Utf8Bytes::from_static("67890")));
+        assert!(!outbox.is_overflowed());
+        assert!(
+            !outbox.push(Utf8Bytes::from_static("x")),
+            "11 bytes passes the 10-byte bound"
+        );
+        assert!(outbox.is_overflowed());
+        outbox.overflowed().await; // already overflowed: resolves at once
+        assert_eq!(rx.recv().await.unwrap().as_str(), "12345");
+        assert_eq!(rx.recv().await.unwrap().as_str(), "67890");
+        assert!(rx.try_recv().is_none());
+        outbox.written(10);
+        assert!(
+            !outbox.push(Utf8Bytes::from_static("y")),
+            "a slow connection stays closed to new frames"
+        );
+    }
+
+    #[tokio::test]
+    async fn written_frees_room() {
+        let (outbox, mut rx) = Outbox::new(1, 5);
+        assert!(outbox.push(Utf8Bytes::from_static("12345")));
+        let frame = rx.recv().await.unwrap();
+        outbox.written(frame.len());
+        assert!(outbox.push(Utf8Bytes::from_static("12345")));
+    }
+}

@@ -1,0 +1,25 @@
+//! fastws: a WebSocket server for Python applications, with a Rust core.
+//!
+//! Data flow, one module per stage: `server` (accept) → `handshake` (HTTP upgrade, or `http` for plain requests)
+//! → `conn` (per-connection task and its outbox) → `protocol` (decode/encode) → `hub` (channels and fan-out).
+//! `bridge` is the only way in from Python.
+
+pub mod bridge;
+pub mod config;
+pub mod conn;
+pub mod error;
+pub mod handshake;
+pub mod http;
+pub mod hub;
+pub mod protocol;
+pub mod server;
+pub mod stats;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _fastws(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<bridge::server::PyServer>()?;
+    Ok(())
+}

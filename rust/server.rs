@@ -1,0 +1,198 @@
+//! Stage: accept. Owns the listener, the tokio runtime and the shutdown signal; hands each TCP connection to the
+//! handshake and then to its connection task.
+//!
+//! [`RunningServer`] is the Python-free handle the bridge wraps: start binds synchronously (so "address in use"
+//! is an error of `start()`, and port 0 resolves to a real port), the runtime lives on its own thread, and
+//! `stop()` sends 1001 to every client and waits until every connection task has ended.
+
+use std::hash::{BuildHasher, RandomState};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::config::ServerConfig;
+use crate::handshake::{self, HeadError, Route};
+use crate::http::{self, Response};
+use crate::hub::Hub;
+
+/// How long `stop()` waits for connection tasks to finish their closing handshakes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (EMFILE and friends) so the loop does not spin while the process is out of fds.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+pub struct RunningServer {
+    hub: Arc<Hub>,
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Bind, build the runtime and start accepting in the background.
+    pub fn start(config: ServerConfig) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))?;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.max(1))
+            .thread_name("fastws-worker")
+            .enable_all()
+            .build()?;
+        let hub = Arc::new(Hub::new(random_node_id()));
+        let shutdown = CancellationToken::new();
+        let thread = std::thread::Builder::new().name("fastws-runtime".into()).spawn({
+            let hub = Arc::clone(&hub);
+            let shutdown = shutdown.clone();
+            move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept_loop(listener, hub, Arc::new(config), shutdown).await,
+                        Err(error) => log::error!("fastws: cannot register the listener: {error}"),
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            }
+        })?;
+        Ok(RunningServer {
+            hub,
+            local_addr,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Close every connection with 1001 and wait for the runtime thread to end. Idempotent.
+    pub fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn random_node_id() -> u32 {
+    // RandomState is seeded from the OS per process: enough to tell nodes' socket ids apart.
+    (RandomState::new().hash_one(std::process::id()) % 1_000_000_000) as u32
+}
+
+async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, config: Arc<ServerConfig>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote_addr)) => {
+                    tracker.spawn(handle(stream, remote_addr, Arc::clone(&hub), Arc::clone(&config), shutdown.clone()));
+                }
+                Err(error) => {
+                    log::warn!("fastws: accept failed: {error}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    if timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        log::warn!(
+            "fastws: {} connection tasks still running after {DRAIN_TIMEOUT:?}; stopping anyway",
+            tracker.len()
+        );
+    }
+}
+
+/// Counts an open WebSocket connection for `max_connections` and stats; uncounts it however the task ends.
+struct ConnectionSlot(Arc<Hub>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    remote_addr: SocketAddr,
+    hub: Arc<Hub>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let head = tokio::select! {
+        head = timeout(config.handshake_timeout, handshake::read_head(&mut stream, remote_addr)) => head,
+        () = shutdown.cancelled() => return,
+    };
+    let (request, leftover) = match head {
+        Ok(Ok(head)) => head,
+        Err(_) | Ok(Err(HeadError::Disconnected)) => return,
+        Ok(Err(HeadError::BadRequest(message))) => return refuse(&mut stream, 400, message).await,
+        Ok(Err(HeadError::TooLarge)) => {
+            return refuse(
+                &mut stream,
+                431,
+                "the request head is too large (8 KiB and 48 headers at most)",
+            )
+            .await;
+        }
+    };
+    let accept_key = match handshake::route(&request) {
+        Err(message) => return refuse(&mut stream, 400, message).await,
+        Ok(Route::Http) => {
+            let _ = http::respond(&request).write(&mut stream).await;
+            return;
+        }
+        Ok(Route::Upgrade { accept_key }) => accept_key,
+    };
+    let slot = ConnectionSlot(Arc::clone(&hub));
+    if hub.connection_opened() > config.max_connections {
+        return refuse(&mut stream, 503, "the server is at max_connections; try again later").await;
+    }
+    if handshake::write_switching_protocols(&mut stream, &accept_key)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(websocket_config(&config))).await;
+    crate::conn::run(ws, hub, config, shutdown).await;
+    drop(slot);
+}
+
+async fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
+    let _ = Response::error(status, message).write(stream).await;
+}
+
+/// tungstenite's buffers, sized on purpose: its defaults (128 KiB read buffer allocated per connection, 128 KiB
+/// write target) would cost far more per idle connection than everything else fastws keeps for it.
+fn websocket_config(config: &ServerConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(config.send_queue_bytes.max(64 * 1024))
+        .max_message_size(Some(config.max_message_size))
+        .max_frame_size(Some(config.max_message_size))
+}
