@@ -73,6 +73,7 @@ class Server:
         self._stop_timers = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = threading.Thread()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -88,12 +89,14 @@ class Server:
             ConfigError: a setting from the file, environment or command line is invalid.
             OSError: the address cannot be bound.
         """
+        self._start(resolve_settings(self._kwargs, config_path=config_path, cli=cli))
+
+    def _start(self, settings: Settings) -> None:
         global _current
         with _current_lock:
             if _current is not None:
                 which = "this server" if _current is self else "another fastws server"
                 raise AlreadyRunning(f"{which} is already running in this process (one server per process)")
-            settings = resolve_settings(self._kwargs, config_path=config_path, cli=cli)
             native = NativeServer(settings.as_dict())
             native.start()
             self._native, self._settings, _current = native, settings, self
@@ -121,8 +124,10 @@ class Server:
             self._call_hook(hook, "on_stop")
         native.stop()
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop = None
+            loop, self._loop = self._loop, None
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(timeout=5)
+            loop.close()
         with _current_lock:
             self._native = None
             if _current is self:
@@ -131,19 +136,21 @@ class Server:
 
     def run(self, *, config_path: str | None = None, cli: Mapping[str, Any] | None = None) -> None:
         """Start, then block until Ctrl-C or SIGTERM, then stop cleanly (clients get 1001 "going away")."""
+        settings = resolve_settings(self._kwargs, config_path=config_path, cli=cli)
+        # Like uvicorn: the blocking entry point owns logging unless the app configured it.
         if not logger.handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logger.addHandler(handler)
-        self.start(config_path=config_path, cli=cli)
-        assert self._settings is not None
-        logger.setLevel(self._settings.log_level.upper())
+            logger.setLevel(settings.log_level.upper())
         stopping = threading.Event()
         previous: dict[signal.Signals, Any] = {}
+        # Handlers go in before the server starts, so a signal right after the start-up line still stops cleanly.
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, lambda *_: stopping.set())
         try:
+            self._start(settings)
             while not stopping.wait(0.5):
                 pass
         finally:
@@ -222,7 +229,8 @@ class Server:
         """The event loop that runs the app's ``async def`` hooks, on a thread of its own, started on first use."""
         if self._loop is None:
             loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="fastws-async-hooks", daemon=True).start()
+            self._loop_thread = threading.Thread(target=loop.run_forever, name="fastws-async-hooks", daemon=True)
+            self._loop_thread.start()
             self._loop = loop
         return self._loop
 

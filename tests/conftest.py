@@ -1,0 +1,81 @@
+"""Shared fixtures: a real fastws server on a free loopback port, and a real WebSocket client (``websockets``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+import fastws
+
+StartServer = Callable[..., fastws.Server]
+
+
+@pytest.fixture
+def start_server() -> Iterator[StartServer]:
+    """Start ``fastws.Server(**settings)`` on 127.0.0.1 and a free port; stopped after the test."""
+    started: list[fastws.Server] = []
+
+    def start(**settings: Any) -> fastws.Server:
+        server = fastws.Server(**{"host": "127.0.0.1", "port": 0, "workers": 2, **settings})
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> fastws.Server:
+    """A server with the default settings, plus client publish allowed on ``chat.*``."""
+    return start_server(client_publish=["chat.*"])
+
+
+class Client:
+    """A thin wrapper over a ``websockets`` connection speaking fastws's JSON frames."""
+
+    def __init__(self, ws: ClientConnection, socket_id: str) -> None:
+        self.ws = ws
+        self.socket_id = socket_id
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def nothing(self, wait: float = 0.3) -> None:
+        """Assert that no frame arrives within ``wait`` seconds."""
+        with pytest.raises(TimeoutError):
+            frame = await asyncio.wait_for(self.ws.recv(), wait)
+            pytest.fail(f"unexpected frame {frame!r}")
+
+    async def request(self, frame: Any) -> Any:
+        await self.send(frame)
+        return await self.recv()
+
+    async def subscribe(self, channel: str) -> None:
+        reply = await self.request({"event": "subscribe", "data": {"channel": channel}})
+        assert reply == {"event": "subscribed", "channel": channel}
+
+
+@asynccontextmanager
+async def client(server: fastws.Server, path: str = "/") -> AsyncIterator[Client]:
+    """Connect to ``server``, check the ``connected`` frame, and yield a :class:`Client`."""
+    host, port = server.address
+    async with connect(f"ws://{host}:{port}{path}", max_size=None) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert hello["event"] == "connected"
+        yield Client(ws, hello["data"]["socket_id"])
+
+
+async def push(channel: str, payload: Any, **kwargs: Any) -> int:
+    """``fastws.push`` from a worker thread, as application code in another thread would call it."""
+    return await asyncio.to_thread(fastws.push, channel, payload, **kwargs)
