@@ -1,11 +1,15 @@
 """The native core of fastws (Rust, built with PyO3). Use it through ``fastws.Server``; this stub documents it."""
 
-from typing import Any
+from typing import Any, final
+
+from typing_extensions import Self
 
 from fastws.types import ChannelInfo
 
+__all__ = ["NativeServer", "__version__"]
 __version__: str
 
+@final
 class NativeServer:
     """A WebSocket server whose sockets, channels and fan-out live in Rust threads.
 
@@ -13,7 +17,7 @@ class NativeServer:
         settings: The resolved settings (``fastws.config.Settings.as_dict()``); unknown keys are ignored.
     """
 
-    def __init__(self, settings: dict[str, Any]) -> None: ...
+    def __new__(cls, settings: dict[str, Any]) -> Self: ...
     def start(self) -> None:
         """Bind and serve in background threads.
 
