@@ -168,6 +168,8 @@ async fn handle(
     };
     let slot = ConnectionSlot(Arc::clone(&hub));
     if hub.connection_opened() > config.max_connections {
+        // Uncount before answering: the client may see the 503 before this task would otherwise drop the slot.
+        drop(slot);
         return refuse(&mut stream, 503, "the server is at max_connections; try again later").await;
     }
     if handshake::write_switching_protocols(&mut stream, &accept_key)
