@@ -85,6 +85,7 @@ pub async fn read_head(
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) if head_len > MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
             Ok(httparse::Status::Complete(head_len)) => {
                 let target = request.path.unwrap_or("/");
                 let (path, query) = target.split_once('?').unwrap_or((target, ""));

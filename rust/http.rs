@@ -30,7 +30,8 @@ impl Response {
         }
     }
 
-    pub async fn write(&self, stream: &mut TcpStream) -> std::io::Result<()> {
+    /// Write the response and close; `head_only` (a HEAD request) sends the headers without the body.
+    pub async fn write(&self, stream: &mut TcpStream, head_only: bool) -> std::io::Result<()> {
         let head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.status,
@@ -38,7 +39,9 @@ impl Response {
             self.body.len()
         );
         stream.write_all(head.as_bytes()).await?;
-        stream.write_all(self.body.as_bytes()).await?;
+        if !head_only {
+            stream.write_all(self.body.as_bytes()).await?;
+        }
         stream.shutdown().await
     }
 }

@@ -161,7 +161,9 @@ async fn handle(
     let accept_key = match handshake::route(&request) {
         Err(message) => return refuse(&mut stream, 400, message).await,
         Ok(Route::Http) => {
-            let _ = http::respond(&request).write(&mut stream).await;
+            let _ = http::respond(&request)
+                .write(&mut stream, request.method == "HEAD")
+                .await;
             return;
         }
         Ok(Route::Upgrade { accept_key }) => accept_key,
@@ -185,7 +187,7 @@ async fn handle(
 }
 
 async fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
-    let _ = Response::error(status, message).write(stream).await;
+    let _ = Response::error(status, message).write(stream, false).await;
 }
 
 /// tungstenite's buffers, sized on purpose: its defaults (128 KiB read buffer allocated per connection, 128 KiB

@@ -16,8 +16,6 @@ from click.testing import CliRunner, Result
 from fastws.cli import load_app, main
 from fastws.errors import ConfigError
 
-PYTHON_DIR = Path(__file__).resolve().parent.parent / "python"
-
 # click 8.2 keeps stderr apart by default and dropped mix_stderr, which click 8.1 needs to do so
 SEPARATE_STDERR: dict[str, Any] = (
     {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner).parameters else {}
@@ -127,7 +125,6 @@ def test_version() -> None:
 
 def test_python_dash_m_reports_a_bad_port() -> None:
     env = {name: value for name, value in os.environ.items() if not name.startswith("FASTWS_")}
-    env["PYTHONPATH"] = str(PYTHON_DIR)
     completed = subprocess.run(
         [sys.executable, "-m", "fastws", "serve", "--port", "70000"],
         env=env,

@@ -114,6 +114,9 @@ def serve(app: str | None, config: str | None, **options: Any) -> None:
     except ConfigError as exc:
         click.echo(f"fastws: error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # the address is in use or not ours to bind: an operator error, not a crash
+        click.echo(f"fastws: error: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()
