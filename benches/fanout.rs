@@ -26,9 +26,7 @@ const PAD: usize = 150;
 const SAMPLE_EVERY: u64 = 16;
 
 fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], index: usize, default: T) -> T {
@@ -41,13 +39,7 @@ fn process_usage(pid: u32) -> Option<(f64, u64)> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let rss_kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some((ticks / 100.0, rss_kb * 1024))
 }
 
@@ -64,11 +56,9 @@ async fn subscribe(
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let (mut ws, _) = connect_async(url).await.expect("connect");
     ws.next().await.expect("connected frame").expect("connected frame");
-    ws.send(Message::text(format!(
-        r#"{{"event":"subscribe","data":{{"channel":"{CHANNEL}"}}}}"#
-    )))
-    .await
-    .expect("subscribe");
+    ws.send(Message::text(format!(r#"{{"event":"subscribe","data":{{"channel":"{CHANNEL}"}}}}"#)))
+        .await
+        .expect("subscribe");
     ws.next().await.expect("subscribed frame").expect("subscribed frame");
     ws
 }
@@ -83,10 +73,7 @@ fn main() {
     let seconds: f64 = arg(&args, 3, 10.0);
     let window: u64 = arg(&args, 4, 16);
     let server_pid: u32 = arg(&args, 5, 0);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(run(url, subscribers, seconds, window, server_pid));
 }
 
@@ -109,10 +96,7 @@ async fn run(url: String, subscribers: usize, seconds: f64, window: u64, server_
                         if let Some(sent) = text.split("\"t\":").nth(1).and_then(|r| r.split(',').next()) {
                             if let Ok(sent) = sent.parse::<u64>() {
                                 // Uncontended: the generator runs on one thread.
-                                samples
-                                    .lock()
-                                    .expect("samples")
-                                    .push(now_micros().saturating_sub(sent) * 1000);
+                                samples.lock().expect("samples").push(now_micros().saturating_sub(sent) * 1000);
                             }
                         }
                     }
@@ -134,11 +118,7 @@ async fn run(url: String, subscribers: usize, seconds: f64, window: u64, server_
     // The window is measured on the slowest of a few probe subscribers, so the publisher never runs ahead.
     let probes: Vec<usize> = (0..subscribers).step_by((subscribers / 8).max(1)).collect();
     while Instant::now() < deadline {
-        let slowest = probes
-            .iter()
-            .map(|&i| received[i].load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0);
+        let slowest = probes.iter().map(|&i| received[i].load(Ordering::Relaxed)).min().unwrap_or(0);
         if sent - slowest >= window {
             tokio::task::yield_now().await;
             continue;

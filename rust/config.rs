@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
+use crate::auth::AuthConfig;
+
 /// Everything the accept loop, connection tasks and hub need, validated once.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
@@ -28,6 +30,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Bound of each connection's outgoing queue.
     pub send_queue_bytes: usize,
+    /// Origin rule, JWT verification and the application's hooks.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +48,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(10),
             send_queue_bytes: 1 << 20,
+            auth: AuthConfig { hook_timeout: Duration::from_secs(5), ..AuthConfig::default() },
         }
     }
 }
@@ -64,10 +69,7 @@ impl ChannelPatterns {
             let pattern = pattern.as_ref();
             builder.add(Glob::new(pattern).map_err(|e| format!("bad channel pattern {pattern:?}: {e}"))?);
         }
-        builder
-            .build()
-            .map(|set| ChannelPatterns { set: Some(set) })
-            .map_err(|e| e.to_string())
+        builder.build().map(|set| ChannelPatterns { set: Some(set) }).map_err(|e| e.to_string())
     }
 
     pub fn matches(&self, channel: &str) -> bool {

@@ -96,12 +96,7 @@ pub async fn read_head(
                     headers: request
                         .headers
                         .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_ascii_lowercase(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
+                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
                         .collect(),
                     remote_addr,
                 };
@@ -133,9 +128,7 @@ pub fn route(request: &ConnectRequest) -> Result<Route, &'static str> {
     if key.len() != 24 {
         return Err("the Sec-WebSocket-Key header is missing or malformed");
     }
-    Ok(Route::Upgrade {
-        accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
-    })
+    Ok(Route::Upgrade { accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()) })
 }
 
 /// Complete the upgrade.
@@ -156,10 +149,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             query: String::new(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-                .collect(),
+            headers: headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect(),
             remote_addr: "127.0.0.1:1".parse().unwrap(),
         }
     }

@@ -17,17 +17,11 @@ pub struct Response {
 
 impl Response {
     pub fn error(status: u16, message: &str) -> Self {
-        Response {
-            status,
-            body: serde_json::json!({"error": message}).to_string(),
-        }
+        Response { status, body: serde_json::json!({"error": message}).to_string() }
     }
 
     pub fn json(status: u16, body: &serde_json::Value) -> Self {
-        Response {
-            status,
-            body: body.to_string(),
-        }
+        Response { status, body: body.to_string() }
     }
 
     /// Write the response and close; `head_only` (a HEAD request) sends the headers without the body.

@@ -4,6 +4,7 @@
 //! → `conn` (per-connection task and its outbox) → `protocol` (decode/encode) → `hub` (channels and fan-out).
 //! `bridge` is the only way in from Python.
 
+pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod conn;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod handshake;
 pub mod http;
 pub mod hub;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod stats;

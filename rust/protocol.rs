@@ -17,17 +17,10 @@ use crate::error::ErrorCode;
 /// A decoded client request.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Subscribe {
-        channel: Cow<'a, str>,
-    },
-    Unsubscribe {
-        channel: Cow<'a, str>,
-    },
+    Subscribe { channel: Cow<'a, str> },
+    Unsubscribe { channel: Cow<'a, str> },
     Ping,
-    Publish {
-        channel: Cow<'a, str>,
-        payload: &'a RawValue,
-    },
+    Publish { channel: Cow<'a, str>, payload: &'a RawValue },
 }
 
 impl PartialEq for Command<'_> {
@@ -54,11 +47,7 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: ErrorCode, channel: Option<&str>, message: impl Into<String>) -> Self {
-        Refusal {
-            code,
-            channel: channel.map(str::to_owned),
-            message: message.into(),
-        }
+        Refusal { code, channel: channel.map(str::to_owned), message: message.into() }
     }
 
     fn malformed(message: impl Into<String>) -> Self {
@@ -116,11 +105,7 @@ pub fn decode(text: &str) -> Result<Command<'_>, Refusal> {
                 "unsubscribe" => Ok(Command::Unsubscribe { channel }),
                 _ => {
                     let payload = data.payload.ok_or_else(|| {
-                        Refusal::new(
-                            ErrorCode::Malformed,
-                            Some(&channel),
-                            "\"publish\" needs \"data.payload\"",
-                        )
+                        Refusal::new(ErrorCode::Malformed, Some(&channel), "\"publish\" needs \"data.payload\"")
                     })?;
                     Ok(Command::Publish { channel, payload })
                 }
@@ -129,18 +114,13 @@ pub fn decode(text: &str) -> Result<Command<'_>, Refusal> {
         other => Err(Refusal::new(
             ErrorCode::UnknownEvent,
             None,
-            format!(
-                "unknown event \"{}\"; expected subscribe, unsubscribe, publish or ping",
-                truncate(other, 64)
-            ),
+            format!("unknown event \"{}\"; expected subscribe, unsubscribe, publish or ping", truncate(other, 64)),
         )),
     }
 }
 
 fn str_field(raw: &RawValue) -> Option<Cow<'_, str>> {
-    <Cow<'_, str>>::deserialize(raw)
-        .ok()
-        .filter(|_| raw.get().starts_with('"'))
+    <Cow<'_, str>>::deserialize(raw).ok().filter(|_| raw.get().starts_with('"'))
 }
 
 fn truncate(s: &str, max_chars: usize) -> &str {
@@ -213,8 +193,18 @@ impl fmt::Display for InvalidPayload {
 /// An object payload with an `"event"` key (a `client-*` one when it comes from a client) is delivered as that
 /// object with `"channel"` set; anything else is wrapped as `{"event":"message","channel":…,"data":payload}`.
 pub fn encode_publication(channel: &str, payload: &str, origin: Origin) -> Result<Utf8Bytes, InvalidPayload> {
+    encode_delivery(Some(channel), payload, origin)
+}
+
+/// The frame of a push to a user's connections: a channel push's shape without `"channel"`.
+pub fn encode_user_push(payload: &str) -> Result<Utf8Bytes, InvalidPayload> {
+    encode_delivery(None, payload, Origin::Server)
+}
+
+fn encode_delivery(channel: Option<&str>, payload: &str, origin: Origin) -> Result<Utf8Bytes, InvalidPayload> {
     let trimmed = payload.trim();
-    let mut out = String::with_capacity(trimmed.len() + channel.len() + 40);
+    let channel_len = channel.map_or(0, str::len);
+    let mut out = String::with_capacity(trimmed.len() + channel_len + 40);
     if trimmed.starts_with('{') {
         let ObjectEntries(entries) = serde_json::from_str(trimmed).map_err(|e| InvalidPayload(e.to_string()))?;
         let keeps_event = entries.iter().any(|(key, value)| {
@@ -232,18 +222,28 @@ pub fn encode_publication(channel: &str, payload: &str, origin: Origin) -> Resul
                 out.push_str(value.get());
                 out.push(',');
             }
-            out.push_str("\"channel\":");
-            push_json_str(&mut out, channel);
-            out.push('}');
+            match channel {
+                Some(channel) => {
+                    out.push_str("\"channel\":");
+                    push_json_str(&mut out, channel);
+                    out.push('}');
+                }
+                None if out.len() > 1 => out.replace_range(out.len() - 1.., "}"),
+                None => out.push('}'),
+            }
             return Ok(Utf8Bytes::from(out));
         }
     } else {
         // Validate without building a tree: the payload is written through verbatim below.
         serde_json::from_str::<&RawValue>(trimmed).map_err(|e| InvalidPayload(e.to_string()))?;
     }
-    out.push_str("{\"event\":\"message\",\"channel\":");
-    push_json_str(&mut out, channel);
-    out.push_str(",\"data\":");
+    out.push_str("{\"event\":\"message\",");
+    if let Some(channel) = channel {
+        out.push_str("\"channel\":");
+        push_json_str(&mut out, channel);
+        out.push(',');
+    }
+    out.push_str("\"data\":");
     out.push_str(trimmed);
     out.push('}');
     Ok(Utf8Bytes::from(out))
@@ -256,9 +256,28 @@ fn push_json_str(out: &mut String, s: &str) {
 
 /// Server → client frames other than publications.
 pub enum Reply<'a> {
-    Connected { socket_id: &'a str },
-    Subscribed { channel: &'a str },
-    Unsubscribed { channel: &'a str },
+    Connected {
+        socket_id: &'a str,
+    },
+    Subscribed {
+        channel: &'a str,
+    },
+    /// A presence subscription's reply: the members, the subscriber included.
+    SubscribedWithMembers {
+        channel: &'a str,
+        members: Vec<serde_json::Value>,
+    },
+    MemberAdded {
+        channel: &'a str,
+        member: serde_json::Value,
+    },
+    MemberRemoved {
+        channel: &'a str,
+        member: serde_json::Value,
+    },
+    Unsubscribed {
+        channel: &'a str,
+    },
     Pong,
     Error(&'a Refusal),
 }
@@ -270,6 +289,15 @@ impl Reply<'_> {
                 serde_json::json!({"event": "connected", "data": {"socket_id": socket_id}})
             }
             Reply::Subscribed { channel } => serde_json::json!({"event": "subscribed", "channel": channel}),
+            Reply::SubscribedWithMembers { channel, members } => {
+                serde_json::json!({"event": "subscribed", "channel": channel, "data": {"members": members}})
+            }
+            Reply::MemberAdded { channel, member } => {
+                serde_json::json!({"event": "member_added", "channel": channel, "data": member})
+            }
+            Reply::MemberRemoved { channel, member } => {
+                serde_json::json!({"event": "member_removed", "channel": channel, "data": member})
+            }
             Reply::Unsubscribed { channel } => serde_json::json!({"event": "unsubscribed", "channel": channel}),
             Reply::Pong => return Utf8Bytes::from_static("{\"event\":\"pong\"}"),
             Reply::Error(refusal) => {
@@ -295,12 +323,7 @@ mod tests {
     #[test]
     fn decodes_the_seed_subscribe_frame() {
         let cmd = decode(r#"{"event":"subscribe","data":{"channel":"chat.room.1"}}"#).unwrap();
-        assert_eq!(
-            cmd,
-            Command::Subscribe {
-                channel: "chat.room.1".into()
-            }
-        );
+        assert_eq!(cmd, Command::Subscribe { channel: "chat.room.1".into() });
     }
 
     #[test]
@@ -350,10 +373,7 @@ mod tests {
     fn deep_nesting_neither_crashes_nor_blocks_a_valid_frame() {
         let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
         // Skipped without recursion in an unknown field; refused where the value must be decoded.
-        assert_eq!(
-            decode(&format!(r#"{{"event":"ping","x":{open}{close}}}"#)).unwrap(),
-            Command::Ping
-        );
+        assert_eq!(decode(&format!(r#"{{"event":"ping","x":{open}{close}}}"#)).unwrap(), Command::Ping);
         let deep_channel = format!(r#"{{"event":"subscribe","data":{{"channel":{open}{close}}}}}"#);
         assert_eq!(refusal_code(&deep_channel), ErrorCode::Malformed);
         // Deep but valid JSON is passed through verbatim (RawValue skips it iteratively).
@@ -371,11 +391,7 @@ mod tests {
             assert!(validate_channel_name(ok).is_ok(), "{ok}");
         }
         for bad in ["", "has space", "é", "a/b", "a*", &"x".repeat(201)] {
-            assert_eq!(
-                validate_channel_name(bad).unwrap_err().code,
-                ErrorCode::InvalidChannel,
-                "{bad}"
-            );
+            assert_eq!(validate_channel_name(bad).unwrap_err().code, ErrorCode::InvalidChannel, "{bad}");
         }
     }
 
@@ -385,16 +401,10 @@ mod tests {
 
     #[test]
     fn server_object_with_event_keeps_its_shape_and_gains_the_channel() {
-        let frame = encode_publication(
-            "chat.room.1",
-            r#"{"event":"new-message","data":{"user":"João"}}"#,
-            Origin::Server,
-        )
-        .unwrap();
-        assert_eq!(
-            frame.as_str(),
-            r#"{"event":"new-message","data":{"user":"João"},"channel":"chat.room.1"}"#
-        );
+        let frame =
+            encode_publication("chat.room.1", r#"{"event":"new-message","data":{"user":"João"}}"#, Origin::Server)
+                .unwrap();
+        assert_eq!(frame.as_str(), r#"{"event":"new-message","data":{"user":"João"},"channel":"chat.room.1"}"#);
     }
 
     #[test]
@@ -422,10 +432,17 @@ mod tests {
         assert_eq!(v["event"], "message");
         assert_eq!(v["data"]["event"], "member_added");
         let v = publication("c", r#"{"event":"client-typing","data":1}"#, Origin::Client);
+        assert_eq!(v, serde_json::json!({"event": "client-typing", "data": 1, "channel": "c"}));
+    }
+
+    #[test]
+    fn user_pushes_have_no_channel() {
         assert_eq!(
-            v,
-            serde_json::json!({"event": "client-typing", "data": 1, "channel": "c"})
+            encode_user_push(r#"{"event":"notification","data":1}"#).unwrap().as_str(),
+            r#"{"event":"notification","data":1}"#
         );
+        assert_eq!(encode_user_push(r#"{"event":"e","channel":"x"}"#).unwrap().as_str(), r#"{"event":"e"}"#);
+        assert_eq!(encode_user_push("[1]").unwrap().as_str(), r#"{"event":"message","data":[1]}"#);
     }
 
     #[test]
@@ -436,15 +453,9 @@ mod tests {
 
     #[test]
     fn replies_encode() {
-        assert_eq!(
-            Reply::Subscribed { channel: "a" }.encode().as_str(),
-            r#"{"event":"subscribed","channel":"a"}"#
-        );
+        assert_eq!(Reply::Subscribed { channel: "a" }.encode().as_str(), r#"{"event":"subscribed","channel":"a"}"#);
         let refusal = Refusal::new(ErrorCode::Forbidden, Some("private-x"), "no");
         let v: serde_json::Value = serde_json::from_str(Reply::Error(&refusal).encode().as_str()).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"event":"error","channel":"private-x","data":{"code":4003,"message":"no"}})
-        );
+        assert_eq!(v, serde_json::json!({"event":"error","channel":"private-x","data":{"code":4003,"message":"no"}}));
     }
 }

@@ -62,12 +62,7 @@ impl RunningServer {
                 runtime.shutdown_timeout(Duration::from_secs(1));
             }
         })?;
-        Ok(RunningServer {
-            hub,
-            local_addr,
-            shutdown,
-            thread: Some(thread),
-        })
+        Ok(RunningServer { hub, local_addr, shutdown, thread: Some(thread) })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -117,10 +112,7 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, config: Arc<ServerCon
     drop(listener);
     tracker.close();
     if timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
-        log::warn!(
-            "fastws: {} connection tasks still running after {DRAIN_TIMEOUT:?}; stopping anyway",
-            tracker.len()
-        );
+        log::warn!("fastws: {} connection tasks still running after {DRAIN_TIMEOUT:?}; stopping anyway", tracker.len());
     }
 }
 
@@ -150,23 +142,28 @@ async fn handle(
         Err(_) | Ok(Err(HeadError::Disconnected)) => return,
         Ok(Err(HeadError::BadRequest(message))) => return refuse(&mut stream, 400, message).await,
         Ok(Err(HeadError::TooLarge)) => {
-            return refuse(
-                &mut stream,
-                431,
-                "the request head is too large (8 KiB and 48 headers at most)",
-            )
-            .await;
+            return refuse(&mut stream, 431, "the request head is too large (8 KiB and 48 headers at most)").await;
         }
     };
     let accept_key = match handshake::route(&request) {
         Err(message) => return refuse(&mut stream, 400, message).await,
         Ok(Route::Http) => {
-            let _ = http::respond(&request)
-                .write(&mut stream, request.method == "HEAD")
-                .await;
+            let _ = http::respond(&request).write(&mut stream, request.method == "HEAD").await;
             return;
         }
         Ok(Route::Upgrade { accept_key }) => accept_key,
+    };
+    if let Err(refusal) = config.auth.origins.check(&request) {
+        return refuse(&mut stream, refusal.status, &refusal.message).await;
+    }
+    // Authentication may wait for a Python hook: it runs off this task's thread and yields to shutdown.
+    let user = tokio::select! {
+        user = config.auth.authenticate(&request) => user,
+        () = shutdown.cancelled() => return,
+    };
+    let user = match user {
+        Ok(user) => user,
+        Err(refusal) => return refuse(&mut stream, refusal.status, &refusal.message).await,
     };
     let slot = ConnectionSlot(Arc::clone(&hub));
     if hub.connection_opened() > config.max_connections {
@@ -174,15 +171,12 @@ async fn handle(
         drop(slot);
         return refuse(&mut stream, 503, "the server is at max_connections; try again later").await;
     }
-    if handshake::write_switching_protocols(&mut stream, &accept_key)
-        .await
-        .is_err()
-    {
+    if handshake::write_switching_protocols(&mut stream, &accept_key).await.is_err() {
         return;
     }
     let ws =
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(websocket_config(&config))).await;
-    crate::conn::run(ws, hub, config, shutdown).await;
+    crate::conn::run(ws, user, hub, config, shutdown).await;
     drop(slot);
 }
 

@@ -19,7 +19,6 @@ impl Stats {
 
     pub fn published(&self, deliveries: usize, frame_len: usize) {
         self.messages_out.fetch_add(deliveries as u64, Ordering::Relaxed);
-        self.bytes_out
-            .fetch_add((deliveries * frame_len) as u64, Ordering::Relaxed);
+        self.bytes_out.fetch_add((deliveries * frame_len) as u64, Ordering::Relaxed);
     }
 }

@@ -61,9 +61,12 @@ class Client:
         await self.send(frame)
         return await self.recv()
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str) -> Any:
+        """Subscribe and check the reply (presence replies also carry ``data.members``); return the reply."""
         reply = await self.request({"event": "subscribe", "data": {"channel": channel}})
-        assert reply == {"event": "subscribed", "channel": channel}
+        expected = {"event": "subscribed", "channel": channel}
+        assert {k: reply[k] for k in reply if k != "data" or not channel.startswith("presence-")} == expected, reply
+        return reply
 
 
 @asynccontextmanager

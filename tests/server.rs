@@ -32,12 +32,7 @@ const WAIT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------------------------------------------
 
 fn config() -> ServerConfig {
-    ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        workers: 2,
-        ..ServerConfig::default()
-    }
+    ServerConfig { host: "127.0.0.1".into(), port: 0, workers: 2, ..ServerConfig::default() }
 }
 
 fn start(config: ServerConfig) -> RunningServer {
@@ -154,20 +149,13 @@ async fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 
 fn parse_http_response(response: &[u8]) -> (u16, String) {
     let text = String::from_utf8_lossy(response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"));
     let length: usize = head
         .lines()
         .find_map(|line| {
             let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
+            name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
         })
         .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
     assert_eq!(body.len(), length, "the body matches Content-Length");
@@ -211,14 +199,8 @@ impl RawClient {
 
     /// Complete the upgrade on `stream`; bytes after the 101 head stay buffered for `read_frame`.
     async fn handshake(mut stream: TcpStream, addr: SocketAddr) -> Self {
-        stream
-            .write_all(upgrade_request(addr, "/", "13").as_bytes())
-            .await
-            .expect("the upgrade request is written");
-        let mut client = RawClient {
-            stream,
-            buf: Vec::new(),
-        };
+        stream.write_all(upgrade_request(addr, "/", "13").as_bytes()).await.expect("the upgrade request is written");
+        let mut client = RawClient { stream, buf: Vec::new() };
         let head_end = loop {
             if let Some(at) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break at + 4;
@@ -227,10 +209,7 @@ impl RawClient {
         };
         let head = String::from_utf8_lossy(&client.buf[..head_end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101 "), "expected 101, got {head:?}");
-        assert!(
-            head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-            "RFC 6455 accept key: {head:?}"
-        );
+        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 accept key: {head:?}");
         client.buf.drain(..head_end);
         client
     }
@@ -257,10 +236,7 @@ impl RawClient {
     }
 
     async fn send(&mut self, opcode: u8, payload: &[u8]) {
-        self.stream
-            .write_all(&masked_frame(opcode, payload))
-            .await
-            .expect("the frame is written");
+        self.stream.write_all(&masked_frame(opcode, payload)).await.expect("the frame is written");
     }
 }
 
@@ -310,10 +286,7 @@ async fn connect_subscribe_publish_unsubscribe() {
     let server = start(config());
     let (mut ws, socket_id) = connect(server.local_addr()).await;
     let (node, conn) = socket_id.split_once('.').expect("socket_id is <node>.<conn>");
-    assert!(
-        node.parse::<u32>().is_ok() && conn.parse::<u64>().is_ok(),
-        "{socket_id}"
-    );
+    assert!(node.parse::<u32>().is_ok() && conn.parse::<u64>().is_ok(), "{socket_id}");
     assert_eq!(server.hub().connection_count(), 1);
 
     subscribe(&mut ws, "news").await;
@@ -338,14 +311,8 @@ async fn connect_subscribe_publish_unsubscribe() {
     assert_eq!(server.hub().publish("sport", &other, None), 0);
 
     send_json(&mut ws, json!({"event": "unsubscribe", "data": {"channel": "news"}})).await;
-    assert_eq!(
-        recv_json(&mut ws).await,
-        json!({"event": "unsubscribed", "channel": "news"})
-    );
-    assert!(
-        server.hub().channel_info("news").is_none(),
-        "the empty channel is removed"
-    );
+    assert_eq!(recv_json(&mut ws).await, json!({"event": "unsubscribed", "channel": "news"}));
+    assert!(server.hub().channel_info("news").is_none(), "the empty channel is removed");
     let late = encode_publication("news", r#""too late""#, Origin::Server).unwrap();
     assert_eq!(server.hub().publish("news", &late, None), 0);
     // Replies keep their order, so a pong right after proves no publication slipped in.
@@ -386,10 +353,7 @@ async fn plain_get_on_the_websocket_path_is_426() {
     let (status, body) = http(server.local_addr(), b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert_eq!(status, 426);
     let body: Value = serde_json::from_str(&body).unwrap();
-    assert!(
-        body["error"].as_str().is_some_and(|e| e.contains("WebSocket")),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("WebSocket")), "{body}");
     stop(server).await;
 }
 
@@ -409,18 +373,12 @@ async fn websocket_version_8_is_400() {
 async fn head_healthz_has_no_body() {
     let server = start(config());
     let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
-    stream
-        .write_all(b"HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    stream.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     let mut response = Vec::new();
     timeout(WAIT, stream.read_to_end(&mut response)).await.unwrap().unwrap();
     let text = String::from_utf8(response).unwrap();
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-    assert!(
-        text.ends_with("\r\n\r\n"),
-        "a HEAD answer ends with its headers: {text:?}"
-    );
+    assert!(text.ends_with("\r\n\r\n"), "a HEAD answer ends with its headers: {text:?}");
     stop(server).await;
 }
 
@@ -429,10 +387,7 @@ async fn request_head_over_8_kib_is_431() {
     let server = start(config());
     // Just over the limit (the head may arrive in one read) and well over it.
     for padding in [8 * 1024 + 100, 9 * 1024] {
-        let request = format!(
-            "GET / HTTP/1.1\r\nHost: localhost\r\nX-Padding: {}\r\n\r\n",
-            "a".repeat(padding)
-        );
+        let request = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Padding: {}\r\n\r\n", "a".repeat(padding));
         let (status, _) = http(server.local_addr(), request.as_bytes()).await;
         assert_eq!(status, 431, "padding {padding}");
     }
@@ -441,18 +396,12 @@ async fn request_head_over_8_kib_is_431() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn max_connections_refuses_the_second_upgrade_with_503() {
-    let server = start(ServerConfig {
-        max_connections: 1,
-        ..config()
-    });
+    let server = start(ServerConfig { max_connections: 1, ..config() });
     let addr = server.local_addr();
     let (mut first, _) = connect(addr).await;
 
     // What a WebSocket client sees…
-    match timeout(WAIT, connect_async(format!("ws://{addr}/")))
-        .await
-        .expect("answer in time")
-    {
+    match timeout(WAIT, connect_async(format!("ws://{addr}/"))).await.expect("answer in time") {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
         Err(other) => panic!("expected an HTTP 503, got {other}"),
         Ok(_) => panic!("the second connection was accepted past max_connections = 1"),
@@ -461,10 +410,7 @@ async fn max_connections_refuses_the_second_upgrade_with_503() {
     let (status, body) = http(addr, upgrade_request(addr, "/", "13").as_bytes()).await;
     assert_eq!(status, 503);
     let body: Value = serde_json::from_str(&body).unwrap();
-    assert!(
-        body["error"].as_str().is_some_and(|e| e.contains("max_connections")),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("max_connections")), "{body}");
 
     // The first client is unaffected.
     assert_eq!(server.hub().connection_count(), 1);
@@ -475,10 +421,7 @@ async fn max_connections_refuses_the_second_upgrade_with_503() {
     // Refusals did not leak slots: once the first leaves, a new client gets in.
     first.close(None).await.ok();
     drop(first);
-    eventually("the first connection is uncounted", || {
-        server.hub().connection_count() == 0
-    })
-    .await;
+    eventually("the first connection is uncounted", || server.hub().connection_count() == 0).await;
     let (again, _) = connect(addr).await;
     drop(again);
     stop(server).await;
@@ -490,10 +433,7 @@ async fn max_connections_refuses_the_second_upgrade_with_503() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn message_over_max_message_size_closes_with_1009() {
-    let server = start(ServerConfig {
-        max_message_size: 1024,
-        ..config()
-    });
+    let server = start(ServerConfig { max_message_size: 1024, ..config() });
     let (mut ws, _) = connect(server.local_addr()).await;
     // Just under the limit is fine.
     let near = json!({"event": "ping", "pad": "x".repeat(900)}).to_string();
@@ -557,16 +497,10 @@ async fn stop_closes_every_client_with_1001() {
         assert_eq!(close.code, CloseCode::Away, "{close:?}");
         assert_eq!(close.reason.as_str(), "going away");
     }
-    timeout(WAIT, stopping)
-        .await
-        .expect("stop() returns in time")
-        .expect("stop() does not panic");
+    timeout(WAIT, stopping).await.expect("stop() returns in time").expect("stop() does not panic");
     assert_eq!(hub.connection_count(), 0);
     assert!(hub.channels().is_empty());
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "the listener is closed after stop()"
-    );
+    assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed after stop()");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -594,10 +528,7 @@ async fn a_client_that_answers_pings_stays_open_past_the_idle_timeout() {
             other => panic!("unexpected while idle: {other:?}"),
         }
     }
-    assert!(
-        pings >= 2,
-        "the server pings a silent client (got {pings} pings in 1.2 s)"
-    );
+    assert!(pings >= 2, "the server pings a silent client (got {pings} pings in 1.2 s)");
     send_json(&mut ws, json!({"event": "ping"})).await;
     assert_eq!(recv_json(&mut ws).await, json!({"event": "pong"}));
     assert_eq!(server.hub().connection_count(), 1);
@@ -642,10 +573,7 @@ async fn a_slow_consumer_is_dropped_without_delaying_the_others() {
     const FRAMES: usize = 5000;
     /// Publications the good client may have outstanding: ~36 KB, well inside its 64 KiB queue.
     const WINDOW: usize = 32;
-    let server = start(ServerConfig {
-        send_queue_bytes: 64 * 1024,
-        ..config()
-    });
+    let server = start(ServerConfig { send_queue_bytes: 64 * 1024, ..config() });
     let addr = server.local_addr();
 
     // The slow client: a small receive buffer, subscribes, then never reads again.
@@ -653,13 +581,7 @@ async fn a_slow_consumer_is_dropped_without_delaying_the_others() {
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(addr).await.expect("TCP connect");
     let mut slow = RawClient::handshake(stream, addr).await;
-    slow.send(
-        0x1,
-        json!({"event": "subscribe", "data": {"channel": "feed"}})
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    slow.send(0x1, json!({"event": "subscribe", "data": {"channel": "feed"}}).to_string().as_bytes()).await;
     eventually("the slow client is subscribed", || subscribers(&server, "feed") == 1).await;
 
     let (mut good, _) = connect(addr).await;
@@ -701,19 +623,10 @@ async fn a_slow_consumer_is_dropped_without_delaying_the_others() {
         .await
         .expect("the good client receives every publication in time")
         .expect("the good client saw every publication in order");
-    assert!(
-        queued_for_both < FRAMES,
-        "the slow client was never marked slow: every publication was queued for it"
-    );
+    assert!(queued_for_both < FRAMES, "the slow client was never marked slow: every publication was queued for it");
 
-    eventually("the slow client leaves the channel", || {
-        subscribers(&server, "feed") == 1
-    })
-    .await;
-    eventually("the slow connection is uncounted", || {
-        server.hub().connection_count() == 1
-    })
-    .await;
+    eventually("the slow client leaves the channel", || subscribers(&server, "feed") == 1).await;
+    eventually("the slow connection is uncounted", || server.hub().connection_count() == 1).await;
     // The good client is still fully usable.
     send_json(&mut good, json!({"event": "ping"})).await;
     assert_eq!(recv_json(&mut good).await, json!({"event": "pong"}));

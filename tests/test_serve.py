@@ -74,7 +74,8 @@ class Served:
 def served(tmp_path: Path) -> Iterator[Served]:
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The browser test's page is a file:// page, whose Origin is "null": a cross-origin page, refused by default.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTWS_ALLOWED_ORIGINS": "null"}
     process = subprocess.Popen(
         [sys.executable, "-m", "fastws", "serve", "app:server", "--port", str(port)],
         cwd=tmp_path,

@@ -15,7 +15,7 @@ from fastws._fastws import __version__
 from fastws.app import ChannelTarget, Server, UserTarget, current_server
 from fastws.config import Settings
 from fastws.errors import AlreadyRunning, ConfigError, FastWSError, NotRunning
-from fastws.types import ChannelInfo
+from fastws.types import ChannelInfo, Headers, Member, Request, User
 
 __all__ = [
     "AlreadyRunning",
@@ -23,14 +23,19 @@ __all__ = [
     "ChannelTarget",
     "ConfigError",
     "FastWSError",
+    "Headers",
+    "Member",
     "NotRunning",
+    "Request",
     "Server",
     "Settings",
+    "User",
     "UserTarget",
     "__version__",
     "channel_stats",
     "channels",
     "connection_count",
+    "presence",
     "push",
     "to_channel",
     "to_user",
@@ -63,6 +68,11 @@ def channels() -> list[ChannelInfo]:
 def channel_stats(name: str) -> ChannelInfo:
     """``{"name", "subscribers", "type"}`` of one channel."""
     return current_server().channel_stats(name)
+
+
+def presence(channel: str) -> list[Member]:
+    """The members of a presence channel: ``[{"id", "info", "connected_at"}]``, in arrival order."""
+    return current_server().presence(channel)
 
 
 def connection_count() -> int:

@@ -1,10 +1,11 @@
 """The native core of fastws (Rust, built with PyO3). Use it through ``fastws.Server``; this stub documents it."""
 
+from collections.abc import Callable
 from typing import Any, final
 
 from typing_extensions import Self
 
-from fastws.types import ChannelInfo
+from fastws.types import ChannelInfo, Member
 
 __all__ = ["NativeServer", "__version__"]
 __version__: str
@@ -15,9 +16,20 @@ class NativeServer:
 
     Args:
         settings: The resolved settings (``fastws.config.Settings.as_dict()``); unknown keys are ignored.
+        authenticate: ``(path, query, headers, remote_addr) -> (user_id, info_json) | None``, called off the
+            frame-moving threads for every handshake (``fastws._hooks`` builds it from the app's hook).
+        authorize: ``(user_id, info_json, channel) -> bool | member_info_json`` for private/presence channels.
+
+    Raises:
+        ValueError: a setting the core cannot use (a public key that is not PEM, no algorithm matching the key).
     """
 
-    def __new__(cls, settings: dict[str, Any]) -> Self: ...
+    def __new__(
+        cls,
+        settings: dict[str, Any],
+        authenticate: Callable[[str, str, list[tuple[str, str]], str], tuple[str, str] | None] | None = None,
+        authorize: Callable[[str, str, str], bool | str] | None = None,
+    ) -> Self: ...
     def start(self) -> None:
         """Bind and serve in background threads.
 
@@ -47,6 +59,17 @@ class NativeServer:
             ValueError: invalid channel name, or the payload is not JSON.
             RuntimeError: the server is not running.
         """
+
+    def push_to_user(self, user_id: str, payload: bytes) -> int:
+        """Deliver ``payload`` (JSON bytes) to every connection of a user; returns how many it was queued for.
+
+        Raises:
+            ValueError: the payload is not JSON.
+            RuntimeError: the server is not running.
+        """
+
+    def presence(self, channel: str) -> list[Member]:
+        """The members of a presence channel in arrival order (empty when nobody is there)."""
 
     def connection_count(self) -> int:
         """Open WebSocket connections."""

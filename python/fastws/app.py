@@ -18,9 +18,10 @@ from typing import Any, TypeVar, Union
 
 from fastws._encode import encode_payload
 from fastws._fastws import NativeServer
+from fastws._hooks import AuthenticateHook, AuthorizeHook, HookRunner
 from fastws.config import Settings, check_keyword_names, describe_mode, resolve_settings
-from fastws.errors import AlreadyRunning, NotRunning
-from fastws.types import ChannelInfo
+from fastws.errors import AlreadyRunning, ConfigError, NotRunning
+from fastws.types import ChannelInfo, Member
 
 __all__ = ["ChannelTarget", "Server", "UserTarget", "current_server"]
 
@@ -28,6 +29,8 @@ logger = logging.getLogger("fastws")
 
 Hook = Callable[[], Union[None, Awaitable[None]]]
 H = TypeVar("H", bound=Hook)
+AuthN = TypeVar("AuthN", bound=AuthenticateHook)
+AuthZ = TypeVar("AuthZ", bound=AuthorizeHook)
 
 # One server per process: the module-level push()/channels()/... act on it.
 _current: Server | None = None
@@ -67,6 +70,8 @@ class Server:
         self._kwargs = dict(settings)
         self._native: NativeServer | None = None
         self._settings: Settings | None = None
+        self._authenticate: AuthenticateHook | None = None
+        self._authorize: AuthorizeHook | None = None
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
         self._timers: list[tuple[float, Hook]] = []
@@ -97,12 +102,24 @@ class Server:
             if _current is not None:
                 which = "this server" if _current is self else "another fastws server"
                 raise AlreadyRunning(f"{which} is already running in this process (one server per process)")
-            native = NativeServer(settings.as_dict())
+            runner = HookRunner(self._event_loop, settings.hook_timeout)
+            try:
+                native = NativeServer(
+                    settings.as_dict(),
+                    authenticate=runner.authenticate(self._authenticate) if self._authenticate else None,
+                    authorize=runner.authorize(self._authorize) if self._authorize else None,
+                )
+            except ValueError as exc:  # a key the core cannot use (for example, not a PEM public key)
+                raise ConfigError(str(exc)) from None
             native.start()
             self._native, self._settings, _current = native, settings, self
         host, port = native.address
         logger.info(
-            "fastws listening on ws://%s:%d (%s; %d workers)", host, port, describe_mode(settings), settings.workers
+            "fastws listening on ws://%s:%d (%s; %d workers)",
+            host,
+            port,
+            describe_mode(settings, has_auth_hook=self._authenticate is not None),
+            settings.workers,
         )
         self._stop_timers.clear()
         for hook in self._on_start:
@@ -181,6 +198,28 @@ class Server:
         return self.address[1]
 
     # -- hooks and timers ------------------------------------------------------------------------------------
+
+    def authenticate(self, func: AuthN) -> AuthN:
+        """Register the hook that decides who a connection is, at the handshake.
+
+        ``func(request: fastws.Request)`` (sync or ``async def``) returns a ``fastws.User`` (or a
+        ``{"id": ..., "info": {...}}`` dict) to accept, or None to refuse with HTTP 401. When it is registered it
+        alone decides (JWT settings are then not used), and anonymous connections are refused. A hook that raises
+        or runs past ``hook_timeout`` refuses that one handshake.
+        """
+        self._authenticate = func
+        return func
+
+    def authorize(self, func: AuthZ) -> AuthZ:
+        """Register the hook that decides ``private-``/``presence-`` subscriptions.
+
+        ``func(user: fastws.User, channel: str)`` (sync or ``async def``) returns True to allow, False/None to
+        refuse (the client gets error 4003), or, for presence channels, a dict of member info to show others.
+        Without it: ``private-user.<id>`` only for user ``<id>``, other ``private-`` channels refused,
+        ``presence-`` channels open to any authenticated user.
+        """
+        self._authorize = func
+        return func
 
     def on_start(self, func: H) -> H:
         """Run ``func`` (sync or ``async def``) once the server listens."""
@@ -271,6 +310,17 @@ class Server:
         """``server.to_user(123).push({...})``: every connection of that user (user ids compare as strings)."""
         return UserTarget(self, str(user_id))
 
+    def push_to_user(self, user_id: int | str, payload: Any) -> int:
+        """Send ``payload`` to every connection of a user, whatever channels they are on.
+
+        Delivered like a channel push without ``"channel"``. Returns how many connections it was queued for.
+        """
+        return self._require().push_to_user(str(user_id), encode_payload(payload))
+
+    def presence(self, channel: str) -> list[Member]:
+        """The members of a presence channel: ``[{"id", "info", "connected_at"}]``, in arrival order."""
+        return self._require().presence(channel)
+
     def connection_count(self) -> int:
         """Open WebSocket connections."""
         return self._require().connection_count()
@@ -304,13 +354,9 @@ class UserTarget:
     def push(self, payload: Any) -> int:
         """Send ``payload`` to every connection of this user; returns how many connections it was queued for.
 
-        Connections get a user only through authentication (JWT or an authenticate hook). Without it, as in open
-        mode, no connection has a user and this delivers to none (returns 0).
+        Connections get a user through authentication (JWT or an authenticate hook); in open mode none has one.
         """
-        server = self._server or current_server()
-        server._require()
-        encode_payload(payload)  # refuse what cannot be serialised, as push() does
-        return 0
+        return (self._server or current_server()).push_to_user(self.user_id, payload)
 
 
 async def _as_coroutine(awaitable: Awaitable[None]) -> None:

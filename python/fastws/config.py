@@ -178,7 +178,8 @@ def _redis_prefix(value: str) -> str:
     return value
 
 
-_JWT_ALGORITHMS = tuple("HS256 HS384 HS512 RS256 RS384 RS512 ES256 ES384 ES512 PS256 PS384 PS512 EdDSA".split())
+# ES512 is absent: the Rust verifier (jsonwebtoken) does not implement it, so accepting it here would fail later.
+_JWT_ALGORITHMS = tuple("HS256 HS384 HS512 RS256 RS384 RS512 ES256 ES384 PS256 PS384 PS512 EdDSA".split())
 _JWT_ALGORITHM_BY_UPPER = {name.upper(): name for name in _JWT_ALGORITHMS}
 
 

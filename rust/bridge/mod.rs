@@ -1,4 +1,5 @@
 //! The Python bridge: the only pyo3 code besides `lib.rs`. Converts settings in, and snapshots and errors out;
 //! everything it calls is plain Rust that never sees a Python object.
 
+pub mod callbacks;
 pub mod server;

@@ -10,6 +10,8 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use crate::auth::{JwtSettings, JwtVerifier, OriginRule};
+use crate::bridge::callbacks::PyHooks;
 use crate::config::{seconds, ChannelPatterns, ServerConfig};
 use crate::hub::{ChannelInfo, ChannelKind, Hub};
 use crate::protocol::{self, Origin};
@@ -44,9 +46,15 @@ impl PyServer {
 
 #[pymethods]
 impl PyServer {
-    /// Build from the resolved settings (`fastws.config.Settings.as_dict()`); unknown keys are ignored.
+    /// Build from the resolved settings (`fastws.config.Settings.as_dict()`; unknown keys are ignored) and the
+    /// hook adapters of `fastws/_hooks.py`.
     #[new]
-    fn new(settings: &Bound<'_, PyDict>) -> PyResult<Self> {
+    #[pyo3(signature = (settings, authenticate = None, authorize = None))]
+    fn new(
+        settings: &Bound<'_, PyDict>,
+        authenticate: Option<Py<PyAny>>,
+        authorize: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
         let mut config = ServerConfig::default();
         if let Some(v) = setting(settings, "host")? {
             config.host = v;
@@ -81,13 +89,32 @@ impl PyServer {
         if let Some(v) = setting(settings, "send_queue_bytes")? {
             config.send_queue_bytes = v;
         }
+        if let Some(v) = setting::<Vec<String>>(settings, "allowed_origins")? {
+            config.auth.origins = OriginRule::new(&v).map_err(PyValueError::new_err)?;
+        }
+        if let Some(v) = setting(settings, "hook_timeout")? {
+            config.auth.hook_timeout = seconds(v);
+        }
+        let jwt = JwtSettings {
+            secret: setting(settings, "jwt_secret")?,
+            public_key_pem: setting(settings, "jwt_public_key")?,
+            algorithms: setting(settings, "jwt_algorithms")?.unwrap_or_default(),
+            audience: setting(settings, "jwt_audience")?,
+            issuer: setting(settings, "jwt_issuer")?,
+            leeway_seconds: setting::<f64>(settings, "jwt_leeway")?.map_or(0, |s| s.max(0.0).ceil() as u64),
+            user_claim: setting(settings, "jwt_user_claim")?.unwrap_or_else(|| "sub".to_owned()),
+        };
+        config.auth.jwt = JwtVerifier::new(&jwt).map_err(PyValueError::new_err)?.map(Arc::new);
+        if authenticate.is_some() || authorize.is_some() {
+            config.auth.hooks = Some(Arc::new(PyHooks {
+                authenticate: authenticate.map(Arc::new),
+                authorize: authorize.map(Arc::new),
+            }));
+        }
         if let Some(level) = setting::<String>(settings, "log_level")? {
             init_logging(&level);
         }
-        Ok(PyServer {
-            config,
-            running: Mutex::new(None),
-        })
+        Ok(PyServer { config, running: Mutex::new(None) })
     }
 
     /// Bind and start serving in background threads. Raises OSError when the address cannot be bound.
@@ -98,10 +125,7 @@ impl PyServer {
         }
         let config = self.config.clone();
         let server = py.detach(|| RunningServer::start(config)).map_err(|e| {
-            PyOSError::new_err(format!(
-                "cannot listen on {}:{}: {e}",
-                self.config.host, self.config.port
-            ))
+            PyOSError::new_err(format!("cannot listen on {}:{}: {e}", self.config.host, self.config.port))
         })?;
         *running = Some(server);
         Ok(())
@@ -124,9 +148,7 @@ impl PyServer {
     #[getter]
     fn address(&self) -> PyResult<(String, u16)> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        let server = running
-            .as_ref()
-            .ok_or_else(|| PyRuntimeError::new_err("the server is not running"))?;
+        let server = running.as_ref().ok_or_else(|| PyRuntimeError::new_err("the server is not running"))?;
         let addr = server.local_addr();
         Ok((addr.ip().to_string(), addr.port()))
     }
@@ -160,12 +182,35 @@ impl PyServer {
     /// `{"name", "subscribers", "type"}` for one channel; a channel nobody is subscribed to has 0 subscribers.
     fn channel_stats<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
         protocol::validate_channel_name(name).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let info = self.hub()?.channel_info(name).unwrap_or_else(|| ChannelInfo {
-            name: name.to_owned(),
-            kind: ChannelKind::of(name),
-            subscribers: 0,
+        let info = self.hub()?.channel_info(name).unwrap_or_else(|| {
+            let kind = ChannelKind::of(name);
+            ChannelInfo {
+                name: name.to_owned(),
+                kind,
+                subscribers: 0,
+                members: (kind == ChannelKind::Presence).then_some(0),
+            }
         });
         channel_dict(py, &info)
+    }
+
+    /// Deliver `payload` (JSON bytes) to every connection of a user; returns how many it was queued for.
+    fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &[u8]) -> PyResult<usize> {
+        let payload = std::str::from_utf8(payload)
+            .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
+        let hub = self.hub()?;
+        let frame = protocol::encode_user_push(payload).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(py.detach(|| hub.push_to_user(user_id, &frame)))
+    }
+
+    /// The members of a presence channel: `[{"id", "info", "connected_at"}]` in arrival order.
+    fn presence<'py>(&self, py: Python<'py>, channel: &str) -> PyResult<Bound<'py, PyList>> {
+        protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
+        let members = self.hub()?.presence(channel);
+        let json = serde_json::Value::Array(members.iter().map(|m| m.to_json(true)).collect()).to_string();
+        // One json.loads turns the snapshot into Python objects, rather than a walk over serde values here.
+        let loads = py.import("json")?.getattr("loads")?;
+        loads.call1((json,))?.cast_into::<PyList>().map_err(Into::into)
     }
 }
 
@@ -174,6 +219,9 @@ fn channel_dict<'py>(py: Python<'py>, info: &ChannelInfo) -> PyResult<Bound<'py,
     dict.set_item("name", &info.name)?;
     dict.set_item("subscribers", info.subscribers)?;
     dict.set_item("type", info.kind.as_str())?;
+    if let Some(members) = info.members {
+        dict.set_item("members", members)?;
+    }
     Ok(dict)
 }
 

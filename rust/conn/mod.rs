@@ -9,6 +9,7 @@ pub mod outbox;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, timeout, Instant};
@@ -18,9 +19,10 @@ use tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
 
+use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
 use crate::error::{CloseCode, ErrorCode};
-use crate::hub::{ChannelKind, Hub};
+use crate::hub::{ChannelKind, Hub, MemberJoin};
 use crate::protocol::{self, Command, Origin, Refusal, Reply};
 use outbox::{ConnId, Outbox, OutboxReceiver};
 
@@ -30,30 +32,38 @@ const MAX_BATCH_FRAMES: usize = 64;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Run a connection until it ends. The caller has completed the upgrade and counted the connection.
-pub async fn run<S>(mut ws: WebSocketStream<S>, hub: Arc<Hub>, config: Arc<ServerConfig>, shutdown: CancellationToken)
-where
+pub async fn run<S>(
+    mut ws: WebSocketStream<S>,
+    user: Option<Arc<User>>,
+    hub: Arc<Hub>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let id = hub.new_conn_id();
     let (outbox, mut rx) = Outbox::new(id, config.send_queue_bytes);
+    let outbox = Arc::new(outbox);
+    if let Some(user) = &user {
+        hub.add_user_connection(&user.id, &outbox);
+    }
     let mut session = Session {
         id,
-        outbox: Arc::new(outbox),
+        outbox,
+        user,
         subscriptions: Vec::new(),
+        pending: Vec::new(),
+        authorizations: FuturesUnordered::new(),
         hub,
         config,
     };
-    session.reply(&Reply::Connected {
-        socket_id: &session.hub.socket_id(id),
-    });
+    session.reply(&Reply::Connected { socket_id: &session.hub.socket_id(id) });
 
     let close = session.serve(&mut ws, &mut rx, &shutdown).await;
     session.leave_all();
     if let Some(code) = close {
-        let frame = CloseFrame {
-            code: WireCloseCode::from(code as u16),
-            reason: Utf8Bytes::from_static(code.reason()),
-        };
+        let frame =
+            CloseFrame { code: WireCloseCode::from(code as u16), reason: Utf8Bytes::from_static(code.reason()) };
         // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
         let _ = timeout(CLOSE_GRACE, async {
             if ws.close(Some(frame)).await.is_ok() {
@@ -71,11 +81,20 @@ where
 struct Session {
     id: ConnId,
     outbox: Arc<Outbox>,
+    /// Who this connection authenticated as; None in open mode.
+    user: Option<Arc<User>>,
     /// Channels this connection is subscribed to; a short Vec beats a set at `max_channels_per_connection` ≈ 100.
     subscriptions: Vec<Box<str>>,
+    /// Channels whose authorize hook has not answered yet (an unsubscribe meanwhile removes them).
+    pending: Vec<Box<str>>,
+    /// The authorize hooks in flight. They run off the connection task, which keeps serving meanwhile.
+    authorizations: FuturesUnordered<AuthorizationFuture>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
 }
+
+type AuthorizationFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (Box<str>, AuthorizationResult)> + Send>>;
+type AuthorizationResult = Result<Authorization, String>;
 
 /// Why a socket write stopped.
 enum WriteStop {
@@ -108,7 +127,8 @@ impl Session {
                 () = self.outbox.overflowed() => return Some(CloseCode::SlowConsumer),
                 frame = rx.recv() => {
                     let frame = frame?;
-                    if let Err(stop) = self.write_batch(ws, rx, frame, shutdown).await {
+                    let stall_limit = self.config.idle_timeout;
+                    if let Err(stop) = write_batch(ws, rx, frame, &self.outbox, stall_limit, shutdown).await {
                         return match stop { WriteStop::Failed => None, WriteStop::Close(code) => Some(code) };
                     }
                 }
@@ -125,6 +145,13 @@ impl Session {
                         // tungstenite answers pings itself; a pong only proves the client is alive.
                         Some(Ok(_)) => {}
                         Some(Err(error)) => return close_code_for(&error),
+                    }
+                }
+                Some((channel, decision)) = self.authorizations.next(), if !self.authorizations.is_empty() => {
+                    // A channel no longer pending was unsubscribed while its hook ran: the answer is moot.
+                    if let Some(index) = self.pending.iter().position(|c| *c == channel) {
+                        self.pending.swap_remove(index);
+                        self.authorized(&channel, decision);
                     }
                 }
                 () = &mut timer => {
@@ -144,47 +171,6 @@ impl Session {
         }
     }
 
-    /// Write `first` and whatever else is already queued, then flush once; raced against shutdown and overflow.
-    async fn write_batch<S>(
-        &self,
-        ws: &mut WebSocketStream<S>,
-        rx: &mut OutboxReceiver,
-        first: Utf8Bytes,
-        shutdown: &CancellationToken,
-    ) -> Result<(), WriteStop>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let outbox = &self.outbox;
-        let write = async {
-            let mut next = Some(first);
-            let mut frames = 0;
-            while let Some(frame) = next {
-                let len = frame.len();
-                ws.feed(Message::Text(frame)).await?;
-                outbox.written(len);
-                frames += 1;
-                next = if frames < MAX_BATCH_FRAMES { rx.try_recv() } else { None };
-            }
-            ws.flush().await
-        };
-        // A write that cannot finish within the idle timeout means the peer stopped reading.
-        let stall_limit = if self.config.idle_timeout.is_zero() {
-            Duration::MAX
-        } else {
-            self.config.idle_timeout
-        };
-        tokio::select! {
-            result = timeout(stall_limit, write) => match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(WriteStop::Failed),
-                Err(_) => Err(WriteStop::Close(CloseCode::IdleTimeout)),
-            },
-            () = shutdown.cancelled() => Err(WriteStop::Close(CloseCode::GoingAway)),
-            () = outbox.overflowed() => Err(WriteStop::Close(CloseCode::SlowConsumer)),
-        }
-    }
-
     fn handle_text(&mut self, text: &str) {
         self.hub.stats.received(text.len());
         match protocol::decode(text) {
@@ -200,35 +186,94 @@ impl Session {
         if let Err(refusal) = protocol::validate_channel_name(channel) {
             return self.refuse(&refusal);
         }
-        if ChannelKind::of(channel) != ChannelKind::Public {
-            return self.refuse(&Refusal::new(
-                ErrorCode::Forbidden,
-                Some(channel),
-                "private- and presence- channels need an authenticated user, and this server has no authentication configured",
-            ));
-        }
+        let kind = ChannelKind::of(channel);
         if self.is_subscribed(channel) {
-            return self.reply(&Reply::Subscribed { channel });
+            // Idempotent: the hub queues the reply again (with the members, on a presence channel).
+            let member = self.member_join(kind, serde_json::Map::new());
+            self.hub.subscribe(channel, &self.outbox, member);
+            return;
         }
-        if self.subscriptions.len() >= self.config.max_channels_per_connection {
+        if self.pending.iter().any(|c| &**c == channel) {
+            return; // the reply comes when the authorize hook answers
+        }
+        let count = self.subscriptions.len() + self.pending.len();
+        if count >= self.config.max_channels_per_connection {
             return self.refuse(&Refusal::new(
                 ErrorCode::TooManyChannels,
                 Some(channel),
-                format!(
-                    "this connection is already subscribed to {} channels (max_channels_per_connection)",
-                    self.subscriptions.len()
-                ),
+                format!("this connection is already subscribed to {count} channels (max_channels_per_connection)"),
             ));
         }
-        // The reply is queued before joining the hub, so no publication can overtake `subscribed`.
-        self.reply(&Reply::Subscribed { channel });
-        self.hub.subscribe(channel, &self.outbox);
+        if kind == ChannelKind::Public {
+            return self.join(channel, None);
+        }
+        let Some(user) = self.user.clone() else {
+            let why = if self.config.auth.required() {
+                "private- and presence- channels need an authenticated user"
+            } else {
+                "private- and presence- channels need an authenticated user, and this server has no authentication \
+                 configured (open mode)"
+            };
+            return self.refuse(&Refusal::new(ErrorCode::Forbidden, Some(channel), why));
+        };
+        match self.config.auth.authorize_now(&user.id, channel) {
+            Some(decision) => self.authorized(channel, Ok(decision)),
+            None => {
+                self.pending.push(channel.into());
+                let auth = self.config.auth.clone();
+                let channel: Box<str> = channel.into();
+                self.authorizations.push(Box::pin(async move {
+                    let decision = auth.authorize(&user, &channel).await;
+                    (channel, decision)
+                }));
+            }
+        }
+    }
+
+    /// Apply an authorize decision for a `private-`/`presence-` subscription.
+    fn authorized(&mut self, channel: &str, decision: AuthorizationResult) {
+        let info = match decision {
+            Ok(Authorization::Allowed) => None,
+            Ok(Authorization::AllowedWithInfo(info)) => Some(info),
+            Ok(Authorization::Denied) => {
+                return self.refuse(&Refusal::new(
+                    ErrorCode::Forbidden,
+                    Some(channel),
+                    "you are not authorized to subscribe to this channel",
+                ));
+            }
+            Err(error) => {
+                log::warn!("fastws: authorize for {channel} failed on connection {}: {error}", self.id);
+                return self.refuse(&Refusal::new(
+                    ErrorCode::Forbidden,
+                    Some(channel),
+                    "authorization failed; the subscription was refused",
+                ));
+            }
+        };
+        let kind = ChannelKind::of(channel);
+        let info = info.unwrap_or_else(|| self.user.as_ref().map(|user| user.presence_info()).unwrap_or_default());
+        let member = self.member_join(kind, info);
+        self.join(channel, member);
+    }
+
+    fn member_join(&self, kind: ChannelKind, info: serde_json::Map<String, serde_json::Value>) -> Option<MemberJoin> {
+        let user = self.user.as_ref().filter(|_| kind == ChannelKind::Presence)?;
+        Some(MemberJoin { user_id: Arc::clone(&user.id), info })
+    }
+
+    /// Join the hub; it queues `subscribed` under its lock, so no publication can overtake the reply.
+    fn join(&mut self, channel: &str, member: Option<MemberJoin>) {
+        self.hub.subscribe(channel, &self.outbox, member);
         self.subscriptions.push(channel.into());
     }
 
     fn unsubscribe(&mut self, channel: &str) {
         if let Err(refusal) = protocol::validate_channel_name(channel) {
             return self.refuse(&refusal);
+        }
+        if let Some(index) = self.pending.iter().position(|c| &**c == channel) {
+            self.pending.swap_remove(index);
         }
         if let Some(index) = self.subscriptions.iter().position(|c| &**c == channel) {
             self.subscriptions.swap_remove(index);
@@ -286,17 +331,53 @@ impl Drop for Session {
     /// Also runs when the task panics or is aborted, so the hub never keeps a dead subscriber.
     fn drop(&mut self) {
         self.leave_all();
+        if let Some(user) = &self.user {
+            self.hub.remove_user_connection(&user.id, self.id);
+        }
+    }
+}
+
+/// Write `first` and whatever else is already queued, then flush once; raced against shutdown and overflow.
+async fn write_batch<S>(
+    ws: &mut WebSocketStream<S>,
+    rx: &mut OutboxReceiver,
+    first: Utf8Bytes,
+    outbox: &Outbox,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), WriteStop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let write = async {
+        let mut next = Some(first);
+        let mut frames = 0;
+        while let Some(frame) = next {
+            let len = frame.len();
+            ws.feed(Message::Text(frame)).await?;
+            outbox.written(len);
+            frames += 1;
+            next = if frames < MAX_BATCH_FRAMES { rx.try_recv() } else { None };
+        }
+        ws.flush().await
+    };
+    // A write that cannot finish within the idle timeout means the peer stopped reading.
+    let stall_limit = if idle_timeout.is_zero() { Duration::MAX } else { idle_timeout };
+    tokio::select! {
+        result = timeout(stall_limit, write) => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteStop::Failed),
+            Err(_) => Err(WriteStop::Close(CloseCode::IdleTimeout)),
+        },
+        () = shutdown.cancelled() => Err(WriteStop::Close(CloseCode::GoingAway)),
+        () = outbox.overflowed() => Err(WriteStop::Close(CloseCode::SlowConsumer)),
     }
 }
 
 /// When the heartbeat timer should next look at the connection.
 fn next_check(last_heard: Instant, pinged: bool, heartbeat: Duration, idle: Duration) -> Instant {
     let far = last_heard + Duration::from_secs(86_400);
-    let ping_at = if heartbeat.is_zero() || pinged {
-        far
-    } else {
-        last_heard + heartbeat
-    };
+    let ping_at = if heartbeat.is_zero() || pinged { far } else { last_heard + heartbeat };
     let idle_at = if idle.is_zero() { far } else { last_heard + idle };
     let next = ping_at.min(idle_at);
     // After the ping went out with no idle timeout, re-check a heartbeat later rather than spin.

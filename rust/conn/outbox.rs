@@ -99,20 +99,14 @@ mod tests {
         assert!(outbox.push(Utf8Bytes::from_static("12345")));
         assert!(outbox.push(Utf8Bytes::from_static("67890")));
         assert!(!outbox.is_overflowed());
-        assert!(
-            !outbox.push(Utf8Bytes::from_static("x")),
-            "11 bytes passes the 10-byte bound"
-        );
+        assert!(!outbox.push(Utf8Bytes::from_static("x")), "11 bytes passes the 10-byte bound");
         assert!(outbox.is_overflowed());
         outbox.overflowed().await; // already overflowed: resolves at once
         assert_eq!(rx.recv().await.unwrap().as_str(), "12345");
         assert_eq!(rx.recv().await.unwrap().as_str(), "67890");
         assert!(rx.try_recv().is_none());
         outbox.written(10);
-        assert!(
-            !outbox.push(Utf8Bytes::from_static("y")),
-            "a slow connection stays closed to new frames"
-        );
+        assert!(!outbox.push(Utf8Bytes::from_static("y")), "a slow connection stays closed to new frames");
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
-//! One channel: its type (from its name) and its local subscribers.
+//! One channel: its type (from its name), its local subscribers and, on presence channels, its members.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::conn::outbox::{ConnId, Outbox};
+use crate::presence::Presence;
 
 /// Channel types, decided by name prefix as in Pusher: `private-…` and `presence-…` need an authorized user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,14 +37,26 @@ impl ChannelKind {
 pub struct Channel {
     pub kind: ChannelKind,
     pub subscribers: HashMap<ConnId, Arc<Outbox>>,
+    /// Members, on `presence-` channels only.
+    pub presence: Option<Presence>,
 }
 
 impl Channel {
     pub fn new(name: &str) -> Self {
-        Channel {
-            kind: ChannelKind::of(name),
-            subscribers: HashMap::new(),
+        let kind = ChannelKind::of(name);
+        let presence = (kind == ChannelKind::Presence).then(Presence::default);
+        Channel { kind, subscribers: HashMap::new(), presence }
+    }
+
+    /// Queue `frame` for every subscriber but `exclude`; returns how many it was queued for.
+    pub fn deliver(&self, frame: &tungstenite::Utf8Bytes, exclude: Option<ConnId>) -> usize {
+        let mut queued = 0;
+        for (id, outbox) in &self.subscribers {
+            if Some(*id) != exclude && outbox.push(frame.clone()) {
+                queued += 1;
+            }
         }
+        queued
     }
 }
 
