@@ -7,8 +7,11 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -386,3 +389,34 @@ async def test_to_user_reaches_every_connection_of_that_user_only(jwt_server: fa
         assert await asyncio.to_thread(fastws.to_user("999").push, {"x": 1}) == 0
         assert await asyncio.to_thread(fastws.to_user(456).push, [1, 2]) == 1
         assert await other.recv() == {"event": "message", "data": [1, 2]}
+
+
+# -- fastws token -----------------------------------------------------------------------------------------------
+
+
+async def test_fastws_token_prints_a_token_the_server_accepts(start_server: StartServer) -> None:
+    env = {**os.environ, "FASTWS_JWT_SECRET": SECRET, "FASTWS_JWT_AUDIENCE": "fastws"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fastws", "token", "--user", "123", "--claim", "name=Ana", "--ttl", "60"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
+    )
+    printed = result.stdout.strip()
+    claims = jwt.decode(printed, SECRET, algorithms=["HS256"], audience="fastws")
+    assert claims["sub"] == "123" and claims["name"] == "Ana" and 0 < claims["exp"] - time.time() <= 60
+    server = start_server(jwt_secret=SECRET, jwt_audience="fastws")
+    async with user_client(server, printed) as c:
+        await c.subscribe("private-user.123")
+        assert (await c.subscribe("presence-room"))["data"]["members"][0]["info"] == {"name": "Ana"}
+
+
+def test_fastws_token_without_a_secret_is_a_one_line_error() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "fastws", "token", "--user", "1"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "jwt_secret" in result.stderr

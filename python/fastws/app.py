@@ -82,6 +82,10 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
+    def resolve_settings(self, *, config_path: str | None = None, cli: Mapping[str, Any] | None = None) -> Settings:
+        """The settings this server would start with: its keywords, then the file, environment and ``cli``."""
+        return resolve_settings(self._kwargs, config_path=config_path, cli=cli)
+
     def start(self, *, config_path: str | None = None, cli: Mapping[str, Any] | None = None) -> None:
         """Start serving in background threads of this process and return at once.
 
@@ -94,7 +98,7 @@ class Server:
             ConfigError: a setting from the file, environment or command line is invalid.
             OSError: the address cannot be bound.
         """
-        self._start(resolve_settings(self._kwargs, config_path=config_path, cli=cli))
+        self._start(self.resolve_settings(config_path=config_path, cli=cli))
 
     def _start(self, settings: Settings) -> None:
         global _current
@@ -153,7 +157,7 @@ class Server:
 
     def run(self, *, config_path: str | None = None, cli: Mapping[str, Any] | None = None) -> None:
         """Start, then block until Ctrl-C or SIGTERM, then stop cleanly (clients get 1001 "going away")."""
-        settings = resolve_settings(self._kwargs, config_path=config_path, cli=cli)
+        settings = self.resolve_settings(config_path=config_path, cli=cli)
         # Like uvicorn: the blocking entry point owns logging unless the app configured it.
         if not logger.handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler()

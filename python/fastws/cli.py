@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -117,6 +118,48 @@ def serve(app: str | None, config: str | None, **options: Any) -> None:
     except OSError as exc:  # the address is in use or not ours to bind: an operator error, not a crash
         click.echo(f"fastws: error: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("app", required=False)
+@click.option("--user", "user_id", required=True, help="The user id (the jwt_user_claim claim, `sub` by default).")
+@click.option("--claim", "claims", multiple=True, metavar="NAME=VALUE", help="An extra claim; repeatable.")
+@click.option("--ttl", type=float, default=3600.0, show_default=True, help="Seconds until the token expires.")
+@click.option("--config", metavar="PATH", default=None, help="Flat TOML file of settings. [env: FASTWS_CONFIG]")
+@click.option("--jwt-secret", default=None, help="The HMAC secret. [env: FASTWS_JWT_SECRET]")
+def token(
+    app: str | None, user_id: str, claims: tuple[str, ...], ttl: float, config: str | None, jwt_secret: str | None
+) -> None:
+    """Print a signed JWT for development: `ws://host:9501/?token=<it>`.
+
+    The secret, algorithm, audience and issuer come from the same settings `fastws serve` uses (APP's
+    Server(...) keywords, --config, FASTWS_* environment, --jwt-secret), so the server accepts the token.
+    """
+    import jwt
+
+    cli_values = {"jwt_secret": jwt_secret} if jwt_secret is not None else {}
+    try:
+        server = load_app(app) if app is not None else _server_class()()
+        settings = server.resolve_settings(config_path=config, cli=cli_values)
+        if not settings.jwt_secret:
+            raise ConfigError("fastws token signs with jwt_secret: set FASTWS_JWT_SECRET, --jwt-secret or --config")
+        payload: dict[str, Any] = {}
+        for claim in claims:
+            name, sep, value = claim.partition("=")
+            if not sep or not name:
+                raise ConfigError(f"--claim must look like NAME=VALUE, not {claim!r}")
+            payload[name] = value
+        now = int(time.time())
+        payload.update({settings.jwt_user_claim: user_id, "iat": now, "exp": now + int(ttl)})
+        if settings.jwt_audience:
+            payload["aud"] = settings.jwt_audience
+        if settings.jwt_issuer:
+            payload["iss"] = settings.jwt_issuer
+    except ConfigError as exc:
+        click.echo(f"fastws: error: {exc}", err=True)
+        sys.exit(2)
+    algorithm = next((name for name in settings.jwt_algorithms if name.startswith("HS")), "HS256")
+    click.echo(jwt.encode(payload, settings.jwt_secret, algorithm=algorithm))
 
 
 @main.command()
