@@ -30,7 +30,7 @@ fn main() {
             let outbox = Arc::new(outbox);
             hub.subscribe("bench", &outbox, None);
             let subscribed = rx.try_recv().expect("the subscribed reply");
-            outbox.written(subscribed.len());
+            outbox.written(subscribed.frame.len());
             outboxes.push(outbox);
             receivers.push(rx);
         }
@@ -43,7 +43,7 @@ fn main() {
             let started = Instant::now();
             for (rx, outbox) in receivers.iter_mut().zip(&outboxes) {
                 let got = rx.try_recv().expect("delivered");
-                outbox.written(got.len());
+                outbox.written(got.frame.len());
             }
             drain_ns += started.elapsed().as_nanos();
         }

@@ -59,6 +59,12 @@ pub type HookFuture<T> = Pin<Box<dyn Future<Output = HookResult<T>> + Send>>;
 pub trait Hooks: Send + Sync {
     fn has_authenticate(&self) -> bool;
     fn has_authorize(&self) -> bool;
+    /// True when `connected`/`disconnected` are wanted.
+    fn has_lifecycle(&self) -> bool;
+    /// A connection opened (fire and forget: nothing waits for it).
+    fn connected(&self, socket_id: &str, user: Option<&Arc<User>>, request: &ConnectRequest) -> HookFuture<()>;
+    /// A connection ended with this close code (sent or received; 1006 when the socket just dropped).
+    fn disconnected(&self, socket_id: &str, code: u16) -> HookFuture<()>;
     /// `Ok(None)` refuses the connection.
     fn authenticate(&self, request: &ConnectRequest) -> HookFuture<Option<User>>;
     fn authorize(&self, user: &Arc<User>, channel: &str) -> HookFuture<Authorization>;

@@ -32,6 +32,11 @@ pub struct ServerConfig {
     pub send_queue_bytes: usize,
     /// Origin rule, JWT verification and the application's hooks.
     pub auth: AuthConfig,
+    /// Required by the operational HTTP endpoints when set; without it they answer loopback clients only.
+    pub api_key: Option<String>,
+    /// Serve the demo chat page at `/`, allow client publish on `demo.*` and anonymous presence on
+    /// `presence-demo.*`.
+    pub demo: bool,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +54,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             send_queue_bytes: 1 << 20,
             auth: AuthConfig { hook_timeout: Duration::from_secs(5), ..AuthConfig::default() },
+            api_key: None,
+            demo: false,
         }
     }
 }

@@ -1,35 +1,59 @@
-//! Plain HTTP on the WebSocket port: refusals of the handshake and the small operational endpoints.
+//! Plain HTTP on the WebSocket port: refusals of the handshake and the operational endpoints.
 //!
-//! Every answer is one JSON response followed by closing the connection (no keep-alive: these endpoints are
-//! polled by monitors and scripts, not browsers loading pages). The operations issue adds /stats, /metrics,
-//! /api/publish and the demo page here.
+//! `/healthz` is always open. `/stats`, `/metrics`, `/dashboard` and `POST /api/publish` answer loopback clients
+//! only, unless an `api_key` is configured; then the key is required from anywhere. A request that came through
+//! a proxy (`X-Forwarded-For`/`Forwarded`) is not treated as loopback, since the proxy's address says nothing of
+//! the client's. `/` serves the demo chat page when `demo` is on. Every answer closes the connection (no
+//! keep-alive: these endpoints are polled by monitors and scripts, not used to load sites).
 
-use tokio::io::AsyncWriteExt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::timeout;
 
+use crate::config::ServerConfig;
 use crate::handshake::ConnectRequest;
+use crate::hub::Hub;
+use crate::protocol::{self, Origin};
 
-/// A status with a JSON body `{"error": message}` (or a custom body for successes).
+/// The demo chat page and the live dashboard: plain HTML/JS shipped inside the extension, no build step.
+const DEMO_PAGE: &str = include_str!("../python/fastws/static/demo.html");
+const DASHBOARD_PAGE: &str = include_str!("../python/fastws/static/dashboard.html");
+
+/// Largest `POST /api/publish` body accepted.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
 pub struct Response {
     pub status: u16,
+    pub content_type: &'static str,
     pub body: String,
 }
 
 impl Response {
     pub fn error(status: u16, message: &str) -> Self {
-        Response { status, body: serde_json::json!({"error": message}).to_string() }
+        Response::json(status, &json!({"error": message}))
     }
 
-    pub fn json(status: u16, body: &serde_json::Value) -> Self {
-        Response { status, body: body.to_string() }
+    pub fn json(status: u16, body: &Value) -> Self {
+        Response { status, content_type: "application/json", body: body.to_string() }
+    }
+
+    fn html(page: &str) -> Self {
+        Response { status: 200, content_type: "text/html; charset=utf-8", body: page.to_owned() }
     }
 
     /// Write the response and close; `head_only` (a HEAD request) sends the headers without the body.
     pub async fn write(&self, stream: &mut TcpStream, head_only: bool) -> std::io::Result<()> {
         let head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+             Connection: close\r\n\r\n",
             self.status,
             reason(self.status),
+            self.content_type,
             self.body.len()
         );
         stream.write_all(head.as_bytes()).await?;
@@ -48,6 +72,9 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
@@ -55,14 +82,204 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Answer a request that is not a WebSocket upgrade.
-pub fn respond(request: &ConnectRequest) -> Response {
-    match (request.method.as_str(), request.path.as_str()) {
-        ("GET" | "HEAD", "/healthz") => Response::json(200, &serde_json::json!({"status": "ok"})),
-        (_, "/" | "/ws") => Response::error(
+/// Answer a request that is not a WebSocket upgrade. `leftover` holds body bytes read with the head.
+pub async fn serve(
+    stream: &mut TcpStream,
+    request: &ConnectRequest,
+    leftover: Vec<u8>,
+    hub: &Hub,
+    config: &ServerConfig,
+) {
+    let response = route(stream, request, leftover, hub, config).await;
+    let _ = response.write(stream, request.method == "HEAD").await;
+}
+
+async fn route(
+    stream: &mut TcpStream,
+    request: &ConnectRequest,
+    leftover: Vec<u8>,
+    hub: &Hub,
+    config: &ServerConfig,
+) -> Response {
+    let method = request.method.as_str();
+    let get = matches!(method, "GET" | "HEAD");
+    match request.path.as_str() {
+        "/healthz" if get => Response::json(200, &json!({"status": "ok"})),
+        "/" if get && config.demo => Response::html(DEMO_PAGE),
+        "/" | "/ws" => Response::error(
             426,
             "this is a fastws WebSocket endpoint: connect with a WebSocket client (ws://host:port/)",
         ),
+        "/stats" | "/metrics" | "/dashboard" | "/api/publish" => {
+            if let Err(refusal) = ops_access(request, config) {
+                return refusal;
+            }
+            match (request.path.as_str(), get) {
+                ("/stats", true) => Response::json(200, &stats_json(hub)),
+                ("/metrics", true) => Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: hub.stats.render_prometheus(hub.connection_count(), hub.channels().len()),
+                },
+                ("/dashboard", true) => Response::html(DASHBOARD_PAGE),
+                ("/api/publish", _) if method == "POST" => publish(stream, request, leftover, hub, config).await,
+                _ => Response::error(405, "method not allowed"),
+            }
+        }
         _ => Response::error(404, "not found"),
+    }
+}
+
+/// The `/stats` document.
+pub fn stats_json(hub: &Hub) -> Value {
+    let channels: Vec<Value> = hub
+        .channels()
+        .into_iter()
+        .map(|info| {
+            let mut channel = json!({"name": info.name, "type": info.kind.as_str(), "subscribers": info.subscribers});
+            if let Some(members) = info.members {
+                channel["members"] = json!(members);
+            }
+            channel
+        })
+        .collect();
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    json!({
+        "connections": hub.connection_count(),
+        "channels": channels,
+        "messages_in": load(&hub.stats.messages_in),
+        "messages_out": load(&hub.stats.messages_out),
+        "uptime_s": (hub.stats.uptime().as_secs_f64() * 10.0).round() / 10.0,
+    })
+}
+
+/// The access rule of the operational endpoints.
+fn ops_access(request: &ConnectRequest, config: &ServerConfig) -> Result<(), Response> {
+    match &config.api_key {
+        Some(key) => {
+            let bearer = request
+                .header("authorization")
+                .and_then(|value| value.trim().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim().to_owned());
+            // A browser cannot set a header when it loads /dashboard, so a GET may carry ?api_key= instead.
+            let given = bearer.or_else(|| query_value(&request.query, "api_key"));
+            if given.is_some_and(|given| constant_time_eq(given.as_bytes(), key.as_bytes())) {
+                Ok(())
+            } else {
+                Err(Response::error(401, "a valid API key is required: send Authorization: Bearer <api_key>"))
+            }
+        }
+        None => {
+            let proxied = request.header("x-forwarded-for").is_some() || request.header("forwarded").is_some();
+            if request.remote_addr.ip().is_loopback() && !proxied {
+                Ok(())
+            } else {
+                Err(Response::error(
+                    403,
+                    "this endpoint answers only local clients; configure api_key to reach it from elsewhere",
+                ))
+            }
+        }
+    }
+}
+
+fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| crate::auth::percent_decode(value))
+    })
+}
+
+/// Compare secrets without an early exit, so response timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct PublishRequest<'a> {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    user: Option<Value>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    exclude: Option<String>,
+}
+
+/// `POST /api/publish`: `{"channel", "payload", "exclude"?}` or `{"user", "payload"}` → `{"delivered": N}`.
+async fn publish(
+    stream: &mut TcpStream,
+    request: &ConnectRequest,
+    mut body: Vec<u8>,
+    hub: &Hub,
+    config: &ServerConfig,
+) -> Response {
+    let Some(length) = request.header("content-length").and_then(|v| v.trim().parse::<usize>().ok()) else {
+        return Response::error(411, "a Content-Length header is required");
+    };
+    if length > MAX_BODY_BYTES {
+        return Response::error(413, "the body is larger than 1 MiB");
+    }
+    let deadline = if config.handshake_timeout.is_zero() { Duration::from_secs(10) } else { config.handshake_timeout };
+    while body.len() < length {
+        let mut chunk = vec![0; (length - body.len()).min(64 * 1024)];
+        match timeout(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => return Response::error(400, "the body ended before Content-Length bytes"),
+            Ok(Ok(n)) => body.extend_from_slice(&chunk[..n]),
+            Err(_) => return Response::error(408, "the body did not arrive in time"),
+        }
+    }
+    body.truncate(length);
+    let parsed: PublishRequest<'_> = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => return Response::error(400, &format!("the body must be a JSON object: {e}")),
+    };
+    let Some(payload) = parsed.payload else {
+        return Response::error(400, "\"payload\" is required");
+    };
+    let delivered = match (parsed.channel, parsed.user) {
+        (Some(channel), None) => {
+            if let Err(refusal) = protocol::validate_channel_name(&channel) {
+                return Response::error(400, &refusal.message);
+            }
+            let Ok(frame) = protocol::encode_publication(&channel, payload.get(), Origin::Server) else {
+                return Response::error(400, "\"payload\" must be JSON");
+            };
+            let exclude = parsed.exclude.as_deref().and_then(|socket_id| hub.conn_id_of(socket_id));
+            hub.publish(&channel, &frame, exclude)
+        }
+        (None, Some(user)) => {
+            let user_id = match user {
+                Value::String(id) if !id.is_empty() => id,
+                Value::Number(id) => id.to_string(),
+                _ => return Response::error(400, "\"user\" must be a non-empty string or a number"),
+            };
+            let Ok(frame) = protocol::encode_user_push(payload.get()) else {
+                return Response::error(400, "\"payload\" must be JSON");
+            };
+            hub.push_to_user(&user_id, &frame)
+        }
+        _ => return Response::error(400, "give exactly one of \"channel\" and \"user\""),
+    };
+    Response::json(200, &json!({"delivered": delivered}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secrets"));
+    }
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(query_value("a=1&api_key=k%2By", "api_key"), Some("k+y".into()));
+        assert_eq!(query_value("a=1", "api_key"), None);
     }
 }

@@ -23,5 +23,6 @@ use pyo3::prelude::*;
 fn _fastws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<bridge::server::PyServer>()?;
+    m.add_function(wrap_pyfunction!(bridge::logging::next_log_record, m)?)?;
     Ok(())
 }

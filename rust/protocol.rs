@@ -17,17 +17,28 @@ use crate::error::ErrorCode;
 /// A decoded client request.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Subscribe { channel: Cow<'a, str> },
-    Unsubscribe { channel: Cow<'a, str> },
+    /// `info` is the member info a demo presence subscription carries (`presence-demo.*` in demo mode).
+    Subscribe {
+        channel: Cow<'a, str>,
+        info: Option<&'a RawValue>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
     Ping,
-    Publish { channel: Cow<'a, str>, payload: &'a RawValue },
+    Publish {
+        channel: Cow<'a, str>,
+        payload: &'a RawValue,
+    },
 }
 
 impl PartialEq for Command<'_> {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Command::Subscribe { channel: a }, Command::Subscribe { channel: b })
-            | (Command::Unsubscribe { channel: a }, Command::Unsubscribe { channel: b }) => a == b,
+            (Command::Subscribe { channel: a, info: i }, Command::Subscribe { channel: b, info: j }) => {
+                a == b && i.map(RawValue::get) == j.map(RawValue::get)
+            }
+            (Command::Unsubscribe { channel: a }, Command::Unsubscribe { channel: b }) => a == b,
             (Command::Ping, Command::Ping) => true,
             (Command::Publish { channel: a, payload: p }, Command::Publish { channel: b, payload: q }) => {
                 a == b && p.get() == q.get()
@@ -70,6 +81,8 @@ struct ChannelData<'a> {
     channel: Option<&'a RawValue>,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    info: Option<&'a RawValue>,
 }
 
 /// Decode one text frame. Borrowed strings point into `text`, so the common case allocates nothing.
@@ -101,7 +114,7 @@ pub fn decode(text: &str) -> Result<Command<'_>, Refusal> {
                 Some(raw) => str_field(raw).ok_or_else(|| Refusal::malformed("\"data.channel\" must be a string"))?,
             };
             match &*event {
-                "subscribe" => Ok(Command::Subscribe { channel }),
+                "subscribe" => Ok(Command::Subscribe { channel, info: data.info }),
                 "unsubscribe" => Ok(Command::Unsubscribe { channel }),
                 _ => {
                     let payload = data.payload.ok_or_else(|| {
@@ -323,7 +336,7 @@ mod tests {
     #[test]
     fn decodes_the_seed_subscribe_frame() {
         let cmd = decode(r#"{"event":"subscribe","data":{"channel":"chat.room.1"}}"#).unwrap();
-        assert_eq!(cmd, Command::Subscribe { channel: "chat.room.1".into() });
+        assert_eq!(cmd, Command::Subscribe { channel: "chat.room.1".into(), info: None });
     }
 
     #[test]
@@ -346,7 +359,7 @@ mod tests {
     fn escaped_strings_decode() {
         assert_eq!(
             decode(r#"{"event":"subscribe","data":{"channel":"a\u002eb"}}"#).unwrap(),
-            Command::Subscribe { channel: "a.b".into() }
+            Command::Subscribe { channel: "a.b".into(), info: None }
         );
     }
 

@@ -23,6 +23,7 @@ use crate::config::ServerConfig;
 use crate::handshake::{self, HeadError, Route};
 use crate::http::{self, Response};
 use crate::hub::Hub;
+use crate::stats::Handshake;
 
 /// How long `stop()` waits for connection tasks to finish their closing handshakes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,7 +57,7 @@ impl RunningServer {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => accept_loop(listener, hub, Arc::new(config), shutdown).await,
-                        Err(error) => log::error!("fastws: cannot register the listener: {error}"),
+                        Err(error) => log::error!("cannot register the listener: {error}"),
                     }
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));
@@ -103,7 +104,7 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, config: Arc<ServerCon
                     tracker.spawn(handle(stream, remote_addr, Arc::clone(&hub), Arc::clone(&config), shutdown.clone()));
                 }
                 Err(error) => {
-                    log::warn!("fastws: accept failed: {error}");
+                    log::warn!("accept failed: {error}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
@@ -112,7 +113,7 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, config: Arc<ServerCon
     drop(listener);
     tracker.close();
     if timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
-        log::warn!("fastws: {} connection tasks still running after {DRAIN_TIMEOUT:?}; stopping anyway", tracker.len());
+        log::warn!("{} connection tasks still running after {DRAIN_TIMEOUT:?}; stopping anyway", tracker.len());
     }
 }
 
@@ -139,22 +140,23 @@ async fn handle(
     };
     let (request, leftover) = match head {
         Ok(Ok(head)) => head,
-        Err(_) | Ok(Err(HeadError::Disconnected)) => return,
-        Ok(Err(HeadError::BadRequest(message))) => return refuse(&mut stream, 400, message).await,
+        Ok(Err(HeadError::Disconnected)) => return,
+        Err(_) => return hub.stats.handshake(Handshake::Timeout),
+        Ok(Err(HeadError::BadRequest(message))) => {
+            return refuse_handshake(&mut stream, &hub, remote_addr, 400, message).await;
+        }
         Ok(Err(HeadError::TooLarge)) => {
-            return refuse(&mut stream, 431, "the request head is too large (8 KiB and 48 headers at most)").await;
+            let message = "the request head is too large (8 KiB and 48 headers at most)";
+            return refuse_handshake(&mut stream, &hub, remote_addr, 431, message).await;
         }
     };
     let accept_key = match handshake::route(&request) {
-        Err(message) => return refuse(&mut stream, 400, message).await,
-        Ok(Route::Http) => {
-            let _ = http::respond(&request).write(&mut stream, request.method == "HEAD").await;
-            return;
-        }
+        Err(message) => return refuse_handshake(&mut stream, &hub, remote_addr, 400, message).await,
+        Ok(Route::Http) => return http::serve(&mut stream, &request, leftover, &hub, &config).await,
         Ok(Route::Upgrade { accept_key }) => accept_key,
     };
     if let Err(refusal) = config.auth.origins.check(&request) {
-        return refuse(&mut stream, refusal.status, &refusal.message).await;
+        return refuse_handshake(&mut stream, &hub, remote_addr, refusal.status, &refusal.message).await;
     }
     // Authentication may wait for a Python hook: it runs off this task's thread and yields to shutdown.
     let user = tokio::select! {
@@ -163,21 +165,39 @@ async fn handle(
     };
     let user = match user {
         Ok(user) => user,
-        Err(refusal) => return refuse(&mut stream, refusal.status, &refusal.message).await,
+        Err(refusal) => {
+            return refuse_handshake(&mut stream, &hub, remote_addr, refusal.status, &refusal.message).await;
+        }
     };
     let slot = ConnectionSlot(Arc::clone(&hub));
     if hub.connection_opened() > config.max_connections {
         // Uncount before answering: the client may see the 503 before this task would otherwise drop the slot.
         drop(slot);
-        return refuse(&mut stream, 503, "the server is at max_connections; try again later").await;
+        let message = "the server is at max_connections; try again later";
+        return refuse_handshake(&mut stream, &hub, remote_addr, 503, message).await;
     }
     if handshake::write_switching_protocols(&mut stream, &accept_key).await.is_err() {
         return;
     }
+    hub.stats.handshake(Handshake::Accepted);
     let ws =
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(websocket_config(&config))).await;
-    crate::conn::run(ws, user, hub, config, shutdown).await;
+    // The request is kept only for lifecycle hooks that want to see it.
+    let request = config.auth.hooks.as_ref().filter(|hooks| hooks.has_lifecycle()).map(|_| request);
+    crate::conn::run(ws, user, request, hub, config, shutdown).await;
     drop(slot);
+}
+
+/// Answer a refused handshake, count it by result and log it (one line, no per-message logging).
+async fn refuse_handshake(stream: &mut TcpStream, hub: &Hub, remote_addr: SocketAddr, status: u16, message: &str) {
+    hub.stats.handshake(match status {
+        401 => Handshake::Unauthorized,
+        403 => Handshake::Forbidden,
+        503 => Handshake::Unavailable,
+        _ => Handshake::BadRequest,
+    });
+    log::info!("refused handshake from {remote_addr}: {status} {message}");
+    refuse(stream, status, message).await;
 }
 
 async fn refuse(stream: &mut TcpStream, status: u16, message: &str) {

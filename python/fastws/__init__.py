@@ -15,13 +15,14 @@ from fastws._fastws import __version__
 from fastws.app import ChannelTarget, Server, UserTarget, current_server
 from fastws.config import Settings
 from fastws.errors import AlreadyRunning, ConfigError, FastWSError, NotRunning
-from fastws.types import ChannelInfo, Headers, Member, Request, User
+from fastws.types import ChannelInfo, Connection, Headers, Member, Request, User
 
 __all__ = [
     "AlreadyRunning",
     "ChannelInfo",
     "ChannelTarget",
     "ConfigError",
+    "Connection",
     "FastWSError",
     "Headers",
     "Member",

@@ -7,7 +7,7 @@ from typing_extensions import Self
 
 from fastws.types import ChannelInfo, Member
 
-__all__ = ["NativeServer", "__version__"]
+__all__ = ["NativeServer", "__version__", "next_log_record"]
 __version__: str
 
 @final
@@ -19,6 +19,8 @@ class NativeServer:
         authenticate: ``(path, query, headers, remote_addr) -> (user_id, info_json) | None``, called off the
             frame-moving threads for every handshake (``fastws._hooks`` builds it from the app's hook).
         authorize: ``(user_id, info_json, channel) -> bool | member_info_json`` for private/presence channels.
+        on_connect: ``(socket_id, user_id, user_info_json, path, query, headers, remote_addr)``, fire and forget.
+        on_disconnect: ``(socket_id, close_code)``, after that connection's on_connect returned.
 
     Raises:
         ValueError: a setting the core cannot use (a public key that is not PEM, no algorithm matching the key).
@@ -29,6 +31,8 @@ class NativeServer:
         settings: dict[str, Any],
         authenticate: Callable[[str, str, list[tuple[str, str]], str], tuple[str, str] | None] | None = None,
         authorize: Callable[[str, str, str], bool | str] | None = None,
+        on_connect: Callable[..., None] | None = None,
+        on_disconnect: Callable[[str, int], None] | None = None,
     ) -> Self: ...
     def start(self) -> None:
         """Bind and serve in background threads.
@@ -79,3 +83,9 @@ class NativeServer:
 
     def channel_stats(self, name: str) -> ChannelInfo:
         """One channel; a channel nobody is subscribed to reports 0 subscribers."""
+
+def next_log_record(timeout: float) -> tuple[int, str] | None:
+    """The core's next log record as ``(logging level, message)``, or None after ``timeout`` seconds.
+
+    ``fastws.app`` forwards them to the ``fastws`` logger from a daemon thread.
+    """

@@ -18,14 +18,27 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from fastws.types import Headers, Request, User
+from fastws.types import Connection, Headers, Request, User
 
-__all__ = ["AuthenticateHook", "AuthorizeHook", "HookRunner", "as_user"]
+__all__ = ["AuthenticateHook", "AuthorizeHook", "ConnectHook", "DisconnectHook", "HookRunner", "as_user"]
 
 logger = logging.getLogger("fastws")
 
 AuthenticateHook = Callable[[Request], Any]
 AuthorizeHook = Callable[[User, str], Any]
+ConnectHook = Callable[[Connection], Any]
+DisconnectHook = Callable[[Connection, int], Any]
+
+
+def _request(path: str, query: str, headers: list[tuple[str, str]], remote_addr: str) -> Request:
+    host, _, port = remote_addr.rpartition(":")
+    return Request(
+        path=path,
+        query=dict(parse_qsl(query, keep_blank_values=True)),
+        headers=Headers(headers),
+        remote_addr=host.strip("[]"),
+        remote_port=int(port) if port.isdigit() else 0,
+    )
 
 
 def as_user(value: Any) -> User | None:
@@ -57,14 +70,7 @@ class HookRunner:
 
     def authenticate(self, hook: AuthenticateHook) -> Callable[[str, str, list[tuple[str, str]], str], Any]:
         def adapter(path: str, query: str, headers: list[tuple[str, str]], remote_addr: str) -> tuple[str, str] | None:
-            host, _, port = remote_addr.rpartition(":")
-            request = Request(
-                path=path,
-                query=dict(parse_qsl(query, keep_blank_values=True)),
-                headers=Headers(headers),
-                remote_addr=host.strip("[]"),
-                remote_port=int(port) if port.isdigit() else 0,
-            )
+            request = _request(path, query, headers, remote_addr)
             try:
                 user = as_user(self.call(hook, request))
             except Exception:
@@ -89,6 +95,42 @@ class HookRunner:
                 raise
 
         return adapter
+
+    def lifecycle(
+        self, on_connect: ConnectHook | None, on_disconnect: DisconnectHook | None
+    ) -> tuple[Callable[..., None], Callable[[str, int], None]]:
+        """Adapters for the core's connected/disconnected calls; on_disconnect gets the same Connection object."""
+        open_connections: dict[str, Connection] = {}
+
+        def connected(
+            socket_id: str,
+            user_id: str | None,
+            user_info: str | None,
+            path: str,
+            query: str,
+            headers: list[tuple[str, str]],
+            remote_addr: str,
+        ) -> None:
+            user = None if user_id is None else User(user_id, orjson.loads(user_info or "{}"))
+            connection = Connection(socket_id, user, _request(path, query, headers, remote_addr))
+            if on_disconnect is not None:
+                open_connections[socket_id] = connection
+            if on_connect is not None:
+                self._run_logged(on_connect, "on_connect", connection)
+
+        def disconnected(socket_id: str, code: int) -> None:
+            connection = open_connections.pop(socket_id, None)
+            if on_disconnect is not None and connection is not None:
+                self._run_logged(on_disconnect, "on_disconnect", connection, code)
+
+        return connected, disconnected
+
+    def _run_logged(self, func: Callable[..., Any], what: str, *args: Any) -> None:
+        """Lifecycle hooks never stop the server: an exception is logged with its traceback."""
+        try:
+            self.call(func, *args)
+        except Exception:
+            logger.exception("fastws: the %s hook %s raised", what, getattr(func, "__qualname__", func))
 
 
 async def _awaited(awaitable: Any) -> Any:

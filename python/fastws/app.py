@@ -16,9 +16,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, Union
 
+import orjson
+
 from fastws._encode import encode_payload
-from fastws._fastws import NativeServer
-from fastws._hooks import AuthenticateHook, AuthorizeHook, HookRunner
+from fastws._fastws import NativeServer, next_log_record
+from fastws._hooks import AuthenticateHook, AuthorizeHook, ConnectHook, DisconnectHook, HookRunner
 from fastws.config import Settings, check_keyword_names, describe_mode, resolve_settings
 from fastws.errors import AlreadyRunning, ConfigError, NotRunning
 from fastws.types import ChannelInfo, Member
@@ -31,10 +33,43 @@ Hook = Callable[[], Union[None, Awaitable[None]]]
 H = TypeVar("H", bound=Hook)
 AuthN = TypeVar("AuthN", bound=AuthenticateHook)
 AuthZ = TypeVar("AuthZ", bound=AuthorizeHook)
+OnConnect = TypeVar("OnConnect", bound=ConnectHook)
+OnDisconnect = TypeVar("OnDisconnect", bound=DisconnectHook)
 
 # One server per process: the module-level push()/channels()/... act on it.
 _current: Server | None = None
 _current_lock = threading.Lock()
+_core_logs_forwarded = False
+
+
+def _forward_core_logs() -> None:
+    """Hand the native core's log records to the ``fastws`` logger (a daemon thread, one per process)."""
+    while True:
+        record = next_log_record(1.0)
+        if record is not None:
+            level, message = record
+            logger.log(level, "%s", message)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (``log_format = "json"``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def _origins_rule(settings: Settings) -> str:
+    if not settings.allowed_origins:
+        return "origins: same-origin"
+    return "origins: any" if "*" in settings.allowed_origins else "origins: " + ", ".join(settings.allowed_origins)
 
 
 def current_server() -> Server:
@@ -72,6 +107,8 @@ class Server:
         self._settings: Settings | None = None
         self._authenticate: AuthenticateHook | None = None
         self._authorize: AuthorizeHook | None = None
+        self._on_connect: ConnectHook | None = None
+        self._on_disconnect: DisconnectHook | None = None
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
         self._timers: list[tuple[float, Hook]] = []
@@ -101,29 +138,41 @@ class Server:
         self._start(self.resolve_settings(config_path=config_path, cli=cli))
 
     def _start(self, settings: Settings) -> None:
-        global _current
+        global _current, _core_logs_forwarded
         with _current_lock:
             if _current is not None:
                 which = "this server" if _current is self else "another fastws server"
                 raise AlreadyRunning(f"{which} is already running in this process (one server per process)")
             runner = HookRunner(self._event_loop, settings.hook_timeout)
+            connected, disconnected = (
+                runner.lifecycle(self._on_connect, self._on_disconnect)
+                if self._on_connect or self._on_disconnect
+                else (None, None)
+            )
             try:
                 native = NativeServer(
                     settings.as_dict(),
                     authenticate=runner.authenticate(self._authenticate) if self._authenticate else None,
                     authorize=runner.authorize(self._authorize) if self._authorize else None,
+                    on_connect=connected,
+                    on_disconnect=disconnected,
                 )
             except ValueError as exc:  # a key the core cannot use (for example, not a PEM public key)
                 raise ConfigError(str(exc)) from None
             native.start()
             self._native, self._settings, _current = native, settings, self
+            if not _core_logs_forwarded:
+                threading.Thread(target=_forward_core_logs, name="fastws-core-logs", daemon=True).start()
+                _core_logs_forwarded = True
         host, port = native.address
         logger.info(
-            "fastws listening on ws://%s:%d (%s; %d workers)",
+            "fastws listening on ws://%s:%d (%s; %s; broker: memory; %d workers)%s",
             host,
             port,
             describe_mode(settings, has_auth_hook=self._authenticate is not None),
+            _origins_rule(settings),
             settings.workers,
+            f"; demo page at http://{host}:{port}/" if settings.demo else "",
         )
         self._stop_timers.clear()
         for hook in self._on_start:
@@ -161,7 +210,11 @@ class Server:
         # Like uvicorn: the blocking entry point owns logging unless the app configured it.
         if not logger.handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.setFormatter(
+                JsonFormatter()
+                if settings.log_format == "json"
+                else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
             logger.addHandler(handler)
             logger.setLevel(settings.log_level.upper())
         stopping = threading.Event()
@@ -223,6 +276,23 @@ class Server:
         ``presence-`` channels open to any authenticated user.
         """
         self._authorize = func
+        return func
+
+    def on_connect(self, func: OnConnect) -> OnConnect:
+        """Run ``func(conn: fastws.Connection)`` (sync or ``async def``) after each connection opens.
+
+        It runs beside the connection (nothing waits for it) on a Python thread; exceptions are logged.
+        """
+        self._on_connect = func
+        return func
+
+    def on_disconnect(self, func: OnDisconnect) -> OnDisconnect:
+        """Run ``func(conn: fastws.Connection, code: int)`` after each connection ends.
+
+        ``code`` is the close code sent or received (1006 when the socket dropped without a close frame). It runs
+        after that connection's ``on_connect`` has finished; exceptions are logged.
+        """
+        self._on_disconnect = func
         return func
 
     def on_start(self, func: H) -> H:

@@ -110,7 +110,8 @@ def serve(app: str | None, config: str | None, **options: Any) -> None:
     try:
         # Check the operator's sources before importing the app or the native core, so a typo fails fast.
         validate_sources(config_path=config, cli=cli_values)
-        server = load_app(app) if app is not None else _server_class()()
+        # Without an app the demo page is on (a newcomer sees fastws work in the browser); settings can turn it off.
+        server = load_app(app) if app is not None else _server_class()(demo=True)
         server.run(config_path=config, cli=cli_values)
     except ConfigError as exc:
         click.echo(f"fastws: error: {exc}", err=True)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
-__all__ = ["ChannelInfo", "ChannelType", "Headers", "Member", "Request", "User"]
+__all__ = ["ChannelInfo", "ChannelType", "Connection", "Headers", "Member", "Request", "User"]
 
 ChannelType = Literal["public", "private", "presence"]
 
@@ -86,3 +86,14 @@ class User:
             raise ValueError(f"a user id must be a non-empty str or an int, not {id!r}")
         object.__setattr__(self, "id", str(id))
         object.__setattr__(self, "info", dict(info or {}))
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A WebSocket connection, as ``on_connect`` and ``on_disconnect`` hooks see it."""
+
+    socket_id: str
+    #: The authenticated user; None in open mode.
+    user: User | None
+    #: The HTTP upgrade request that opened it.
+    request: Request

@@ -16,6 +16,10 @@ use crate::handshake::ConnectRequest;
 pub struct PyHooks {
     pub authenticate: Option<Arc<Py<PyAny>>>,
     pub authorize: Option<Arc<Py<PyAny>>>,
+    /// `(socket_id, user_id | None, user_info_json | None, path, query, headers, remote_addr)`.
+    pub on_connect: Option<Arc<Py<PyAny>>>,
+    /// `(socket_id, close_code)`.
+    pub on_disconnect: Option<Arc<Py<PyAny>>>,
 }
 
 /// Run `call` on a blocking-pool thread attached to the interpreter; a Python exception becomes its message.
@@ -45,6 +49,30 @@ impl Hooks for PyHooks {
 
     fn has_authorize(&self) -> bool {
         self.authorize.is_some()
+    }
+
+    fn has_lifecycle(&self) -> bool {
+        self.on_connect.is_some() || self.on_disconnect.is_some()
+    }
+
+    fn connected(&self, socket_id: &str, user: Option<&Arc<User>>, request: &ConnectRequest) -> HookFuture<()> {
+        let Some(func) = self.on_connect.clone() else { return Box::pin(async { Ok(()) }) };
+        let args = (
+            socket_id.to_owned(),
+            user.map(|user| user.id.to_string()),
+            user.map(|user| Value::Object(user.info.clone()).to_string()),
+            request.path.clone(),
+            request.query.clone(),
+            request.headers.clone(),
+            request.remote_addr.to_string(),
+        );
+        run_blocking(move |py| func.bind(py).call1(args).map(|_| Ok(())))
+    }
+
+    fn disconnected(&self, socket_id: &str, code: u16) -> HookFuture<()> {
+        let Some(func) = self.on_disconnect.clone() else { return Box::pin(async { Ok(()) }) };
+        let args = (socket_id.to_owned(), code);
+        run_blocking(move |py| func.bind(py).call1(args).map(|_| Ok(())))
     }
 
     fn authenticate(&self, request: &ConnectRequest) -> HookFuture<Option<User>> {

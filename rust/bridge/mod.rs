@@ -2,4 +2,5 @@
 //! everything it calls is plain Rust that never sees a Python object.
 
 pub mod callbacks;
+pub mod logging;
 pub mod server;

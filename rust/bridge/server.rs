@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::auth::{JwtSettings, JwtVerifier, OriginRule};
+use crate::auth::{Hooks, JwtSettings, JwtVerifier, OriginRule};
 use crate::bridge::callbacks::PyHooks;
 use crate::config::{seconds, ChannelPatterns, ServerConfig};
 use crate::hub::{ChannelInfo, ChannelKind, Hub};
@@ -49,11 +49,13 @@ impl PyServer {
     /// Build from the resolved settings (`fastws.config.Settings.as_dict()`; unknown keys are ignored) and the
     /// hook adapters of `fastws/_hooks.py`.
     #[new]
-    #[pyo3(signature = (settings, authenticate = None, authorize = None))]
+    #[pyo3(signature = (settings, authenticate = None, authorize = None, on_connect = None, on_disconnect = None))]
     fn new(
         settings: &Bound<'_, PyDict>,
         authenticate: Option<Py<PyAny>>,
         authorize: Option<Py<PyAny>>,
+        on_connect: Option<Py<PyAny>>,
+        on_disconnect: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let mut config = ServerConfig::default();
         if let Some(v) = setting(settings, "host")? {
@@ -92,6 +94,8 @@ impl PyServer {
         if let Some(v) = setting::<Vec<String>>(settings, "allowed_origins")? {
             config.auth.origins = OriginRule::new(&v).map_err(PyValueError::new_err)?;
         }
+        config.api_key = setting(settings, "api_key")?;
+        config.demo = setting(settings, "demo")?.unwrap_or(false);
         if let Some(v) = setting(settings, "hook_timeout")? {
             config.auth.hook_timeout = seconds(v);
         }
@@ -105,15 +109,16 @@ impl PyServer {
             user_claim: setting(settings, "jwt_user_claim")?.unwrap_or_else(|| "sub".to_owned()),
         };
         config.auth.jwt = JwtVerifier::new(&jwt).map_err(PyValueError::new_err)?.map(Arc::new);
-        if authenticate.is_some() || authorize.is_some() {
-            config.auth.hooks = Some(Arc::new(PyHooks {
-                authenticate: authenticate.map(Arc::new),
-                authorize: authorize.map(Arc::new),
-            }));
+        let hooks = PyHooks {
+            authenticate: authenticate.map(Arc::new),
+            authorize: authorize.map(Arc::new),
+            on_connect: on_connect.map(Arc::new),
+            on_disconnect: on_disconnect.map(Arc::new),
+        };
+        if hooks.has_authenticate() || hooks.has_authorize() || hooks.has_lifecycle() {
+            config.auth.hooks = Some(Arc::new(hooks));
         }
-        if let Some(level) = setting::<String>(settings, "log_level")? {
-            init_logging(&level);
-        }
+        crate::bridge::logging::configure(&setting::<String>(settings, "log_level")?.unwrap_or_default());
         Ok(PyServer { config, running: Mutex::new(None) })
     }
 
@@ -223,15 +228,4 @@ fn channel_dict<'py>(py: Python<'py>, info: &ChannelInfo) -> PyResult<Bound<'py,
         dict.set_item("members", members)?;
     }
     Ok(dict)
-}
-
-/// Route the core's `log` lines to stderr at the configured level. The first server of the process sets it.
-fn init_logging(level: &str) {
-    let filter = match level {
-        "debug" => log::LevelFilter::Debug,
-        "warning" => log::LevelFilter::Warn,
-        "error" => log::LevelFilter::Error,
-        _ => log::LevelFilter::Info,
-    };
-    let _ = env_logger::Builder::new().filter_level(filter).try_init();
 }

@@ -22,19 +22,46 @@ use tungstenite::{Message, Utf8Bytes};
 use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
 use crate::error::{CloseCode, ErrorCode};
+use crate::handshake::ConnectRequest;
 use crate::hub::{ChannelKind, Hub, MemberJoin};
 use crate::protocol::{self, Command, Origin, Refusal, Reply};
-use outbox::{ConnId, Outbox, OutboxReceiver};
+use outbox::{ConnId, Outbox, OutboxReceiver, Outgoing};
 
 /// Frames written per flush when the outbox holds a backlog: batching amortises the syscall.
 const MAX_BATCH_FRAMES: usize = 64;
+/// In demo mode clients may publish on `demo.*` and join `presence-demo.*` without authentication.
+const DEMO_PUBLISH_PREFIX: &str = "demo.";
+const DEMO_PRESENCE_PREFIX: &str = "presence-demo.";
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// How a connection ended.
+enum End {
+    /// The server closes with this code.
+    Close(CloseCode),
+    /// The client sent a close frame, with this code if it gave one.
+    ClientClosed(Option<u16>),
+    /// The socket failed or hit EOF without a closing handshake.
+    Dropped,
+}
+
+impl End {
+    /// The close code lifecycle hooks see: sent or received; 1005 "no status" and 1006 "abnormal" as in RFC 6455.
+    fn code(&self) -> u16 {
+        match self {
+            End::Close(code) => *code as u16,
+            End::ClientClosed(code) => code.unwrap_or(1005),
+            End::Dropped => 1006,
+        }
+    }
+}
+
 /// Run a connection until it ends. The caller has completed the upgrade and counted the connection.
+/// `request` is given only when lifecycle hooks want it.
 pub async fn run<S>(
     mut ws: WebSocketStream<S>,
     user: Option<Arc<User>>,
+    request: Option<ConnectRequest>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
@@ -42,13 +69,22 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let id = hub.new_conn_id();
+    let socket_id = hub.socket_id(id);
     let (outbox, mut rx) = Outbox::new(id, config.send_queue_bytes);
     let outbox = Arc::new(outbox);
     if let Some(user) = &user {
         hub.add_user_connection(&user.id, &outbox);
     }
+    let hooks = config.auth.hooks.clone().filter(|hooks| hooks.has_lifecycle());
+    // on_connect runs beside the connection; on_disconnect waits for it, so the app sees them in order.
+    let connected = match (&hooks, &request) {
+        (Some(hooks), Some(request)) => Some(tokio::spawn(hooks.connected(&socket_id, user.as_ref(), request))),
+        _ => None,
+    };
+    drop(request);
     let mut session = Session {
         id,
+        socket_id: socket_id.as_str().into(),
         outbox,
         user,
         subscriptions: Vec::new(),
@@ -57,11 +93,14 @@ pub async fn run<S>(
         hub,
         config,
     };
-    session.reply(&Reply::Connected { socket_id: &session.hub.socket_id(id) });
+    session.reply(&Reply::Connected { socket_id: &socket_id });
 
-    let close = session.serve(&mut ws, &mut rx, &shutdown).await;
+    let end = session.serve(&mut ws, &mut rx, &shutdown).await;
     session.leave_all();
-    if let Some(code) = close {
+    if let End::Close(code) = end {
+        if code == CloseCode::SlowConsumer {
+            session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let frame =
             CloseFrame { code: WireCloseCode::from(code as u16), reason: Utf8Bytes::from_static(code.reason()) };
         // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
@@ -75,11 +114,23 @@ pub async fn run<S>(
         // The client closed (or the socket failed): flush tungstenite's automatic close reply, if any.
         let _ = timeout(CLOSE_GRACE, ws.close(None)).await;
     }
+    if let Some(hooks) = hooks {
+        let disconnected = hooks.disconnected(&socket_id, end.code());
+        tokio::spawn(async move {
+            if let Some(connected) = connected {
+                let _ = connected.await;
+            }
+            if let Err(error) = disconnected.await {
+                log::warn!("on_disconnect failed for {socket_id}: {error}");
+            }
+        });
+    }
 }
 
 /// One connection's state, owned by its task.
 struct Session {
     id: ConnId,
+    socket_id: Arc<str>,
     outbox: Arc<Outbox>,
     /// Who this connection authenticated as; None in open mode.
     user: Option<Arc<User>>,
@@ -103,13 +154,13 @@ enum WriteStop {
 }
 
 impl Session {
-    /// The main loop. Returns the close code to send, or None when the client went away by itself.
+    /// The main loop, until the connection ends.
     async fn serve<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
         rx: &mut OutboxReceiver,
         shutdown: &CancellationToken,
-    ) -> Option<CloseCode>
+    ) -> End
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -123,13 +174,14 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Some(CloseCode::GoingAway),
-                () = self.outbox.overflowed() => return Some(CloseCode::SlowConsumer),
+                () = shutdown.cancelled() => return End::Close(CloseCode::GoingAway),
+                () = self.outbox.overflowed() => return End::Close(CloseCode::SlowConsumer),
                 frame = rx.recv() => {
-                    let frame = frame?;
+                    // The session holds the sender, so the queue cannot close while it runs.
+                    let Some(frame) = frame else { return End::Dropped };
                     let stall_limit = self.config.idle_timeout;
-                    if let Err(stop) = write_batch(ws, rx, frame, &self.outbox, stall_limit, shutdown).await {
-                        return match stop { WriteStop::Failed => None, WriteStop::Close(code) => Some(code) };
+                    if let Err(stop) = write_batch(ws, rx, frame, &self.outbox, &self.hub, stall_limit, shutdown).await {
+                        return match stop { WriteStop::Failed => End::Dropped, WriteStop::Close(code) => End::Close(code) };
                     }
                 }
                 message = ws.next() => {
@@ -141,10 +193,11 @@ impl Session {
                             self.hub.stats.received(data.len());
                             self.refuse(&Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames"));
                         }
-                        Some(Ok(Message::Close(_))) | None => return None,
+                        Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame.map(|f| u16::from(f.code))),
+                        None => return End::Dropped,
                         // tungstenite answers pings itself; a pong only proves the client is alive.
                         Some(Ok(_)) => {}
-                        Some(Err(error)) => return close_code_for(&error),
+                        Some(Err(error)) => return close_code_for(&error).map_or(End::Dropped, End::Close),
                     }
                 }
                 Some((channel, decision)) = self.authorizations.next(), if !self.authorizations.is_empty() => {
@@ -157,12 +210,12 @@ impl Session {
                 () = &mut timer => {
                     let silent = last_heard.elapsed();
                     if !idle.is_zero() && silent >= idle {
-                        return Some(CloseCode::IdleTimeout);
+                        return End::Close(CloseCode::IdleTimeout);
                     }
                     if !heartbeat.is_zero() && silent >= heartbeat && !pinged {
                         pinged = true;
                         if ws.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                            return None;
+                            return End::Dropped;
                         }
                     }
                     timer.as_mut().reset(next_check(last_heard, pinged, heartbeat, idle));
@@ -175,14 +228,14 @@ impl Session {
         self.hub.stats.received(text.len());
         match protocol::decode(text) {
             Ok(Command::Ping) => self.reply(&Reply::Pong),
-            Ok(Command::Subscribe { channel }) => self.subscribe(&channel),
+            Ok(Command::Subscribe { channel, info }) => self.subscribe(&channel, info),
             Ok(Command::Unsubscribe { channel }) => self.unsubscribe(&channel),
             Ok(Command::Publish { channel, payload }) => self.publish(&channel, payload.get()),
             Err(refusal) => self.refuse(&refusal),
         }
     }
 
-    fn subscribe(&mut self, channel: &str) {
+    fn subscribe(&mut self, channel: &str, info: Option<&serde_json::value::RawValue>) {
         if let Err(refusal) = protocol::validate_channel_name(channel) {
             return self.refuse(&refusal);
         }
@@ -206,6 +259,12 @@ impl Session {
         }
         if kind == ChannelKind::Public {
             return self.join(channel, None);
+        }
+        if self.user.is_none() && self.config.demo && channel.starts_with(DEMO_PRESENCE_PREFIX) {
+            // Demo mode's anonymous presence: the member is this socket, its info what the client sent.
+            let info = info.and_then(|raw| serde_json::from_str(raw.get()).ok()).unwrap_or_default();
+            let member = MemberJoin { user_id: Arc::clone(&self.socket_id), info };
+            return self.join(channel, Some(member));
         }
         let Some(user) = self.user.clone() else {
             let why = if self.config.auth.required() {
@@ -243,7 +302,7 @@ impl Session {
                 ));
             }
             Err(error) => {
-                log::warn!("fastws: authorize for {channel} failed on connection {}: {error}", self.id);
+                log::warn!("authorize for {channel} failed on connection {}: {error}", self.id);
                 return self.refuse(&Refusal::new(
                     ErrorCode::Forbidden,
                     Some(channel),
@@ -286,7 +345,8 @@ impl Session {
         if let Err(refusal) = protocol::validate_channel_name(channel) {
             return self.refuse(&refusal);
         }
-        if !self.config.client_publish.matches(channel) {
+        let demo_channel = self.config.demo && channel.starts_with(DEMO_PUBLISH_PREFIX);
+        if !demo_channel && !self.config.client_publish.matches(channel) {
             return self.refuse(&Refusal::new(
                 ErrorCode::Forbidden,
                 Some(channel),
@@ -341,8 +401,9 @@ impl Drop for Session {
 async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
     rx: &mut OutboxReceiver,
-    first: Utf8Bytes,
+    first: Outgoing,
     outbox: &Outbox,
+    hub: &Hub,
     idle_timeout: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), WriteStop>
@@ -352,14 +413,21 @@ where
     let write = async {
         let mut next = Some(first);
         let mut frames = 0;
-        while let Some(frame) = next {
+        let mut timers = Vec::new();
+        while let Some(Outgoing { frame, timer }) = next {
             let len = frame.len();
             ws.feed(Message::Text(frame)).await?;
             outbox.written(len);
+            timers.extend(timer);
             frames += 1;
             next = if frames < MAX_BATCH_FRAMES { rx.try_recv() } else { None };
         }
-        ws.flush().await
+        ws.flush().await?;
+        // Written means flushed to the socket: only now does a sampled publish count this subscriber as done.
+        for latency in timers.iter().filter_map(|timer| timer.written()) {
+            hub.stats.observe_publish_latency(latency);
+        }
+        Ok::<(), tungstenite::Error>(())
     };
     // A write that cannot finish within the idle timeout means the peer stopped reading.
     let stall_limit = if idle_timeout.is_zero() { Duration::MAX } else { idle_timeout };

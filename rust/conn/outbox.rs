@@ -6,16 +6,25 @@
 //! without limit (the slow-consumer rule of centrifuge's writer.go).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
 use tungstenite::Utf8Bytes;
+
+use crate::stats::PublishTimer;
+
+/// One queued frame; a sampled publication also carries its latency timer.
+pub struct Outgoing {
+    pub frame: Utf8Bytes,
+    pub timer: Option<Arc<PublishTimer>>,
+}
 
 /// Connection id, unique within this process. The socket_id clients see is `"<node>.<ConnId>"`.
 pub type ConnId = u64;
 
 pub struct Outbox {
     pub id: ConnId,
-    tx: mpsc::UnboundedSender<Utf8Bytes>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     queued_bytes: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
@@ -25,7 +34,7 @@ pub struct Outbox {
 
 /// The consumer side, owned by the connection task.
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Utf8Bytes>,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
 }
 
 impl Outbox {
@@ -44,6 +53,11 @@ impl Outbox {
 
     /// Queue a frame. Returns false when it was not queued: the connection is gone or has been marked slow.
     pub fn push(&self, frame: Utf8Bytes) -> bool {
+        self.push_timed(frame, None)
+    }
+
+    /// Queue a frame that may carry a publish latency timer.
+    pub fn push_timed(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>) -> bool {
         if self.overflowed.load(Ordering::Relaxed) {
             return false;
         }
@@ -55,7 +69,7 @@ impl Outbox {
             }
             return false;
         }
-        if self.tx.send(frame).is_err() {
+        if self.tx.send(Outgoing { frame, timer: timer.cloned() }).is_err() {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return false;
         }
@@ -80,11 +94,11 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+    pub async fn recv(&mut self) -> Option<Outgoing> {
         self.rx.recv().await
     }
 
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
         self.rx.try_recv().ok()
     }
 }
@@ -102,8 +116,8 @@ mod tests {
         assert!(!outbox.push(Utf8Bytes::from_static("x")), "11 bytes passes the 10-byte bound");
         assert!(outbox.is_overflowed());
         outbox.overflowed().await; // already overflowed: resolves at once
-        assert_eq!(rx.recv().await.unwrap().as_str(), "12345");
-        assert_eq!(rx.recv().await.unwrap().as_str(), "67890");
+        assert_eq!(rx.recv().await.unwrap().frame.as_str(), "12345");
+        assert_eq!(rx.recv().await.unwrap().frame.as_str(), "67890");
         assert!(rx.try_recv().is_none());
         outbox.written(10);
         assert!(!outbox.push(Utf8Bytes::from_static("y")), "a slow connection stays closed to new frames");
@@ -113,7 +127,7 @@ mod tests {
     async fn written_frees_room() {
         let (outbox, mut rx) = Outbox::new(1, 5);
         assert!(outbox.push(Utf8Bytes::from_static("12345")));
-        let frame = rx.recv().await.unwrap();
+        let frame = rx.recv().await.unwrap().frame;
         outbox.written(frame.len());
         assert!(outbox.push(Utf8Bytes::from_static("12345")));
     }

@@ -3,8 +3,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tungstenite::Utf8Bytes;
+
 use crate::conn::outbox::{ConnId, Outbox};
 use crate::presence::Presence;
+use crate::stats::PublishTimer;
 
 /// Channel types, decided by name prefix as in Pusher: `private-…` and `presence-…` need an authorized user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,10 +52,10 @@ impl Channel {
     }
 
     /// Queue `frame` for every subscriber but `exclude`; returns how many it was queued for.
-    pub fn deliver(&self, frame: &tungstenite::Utf8Bytes, exclude: Option<ConnId>) -> usize {
+    pub fn deliver(&self, frame: &Utf8Bytes, exclude: Option<ConnId>, timer: Option<&Arc<PublishTimer>>) -> usize {
         let mut queued = 0;
         for (id, outbox) in &self.subscribers {
-            if Some(*id) != exclude && outbox.push(frame.clone()) {
+            if Some(*id) != exclude && outbox.push_timed(frame.clone(), timer) {
                 queued += 1;
             }
         }

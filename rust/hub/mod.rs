@@ -119,7 +119,7 @@ impl Hub {
         let members = presence.members().into_iter().map(|m| m.to_json(true)).collect();
         outbox.push(Reply::SubscribedWithMembers { channel: name, members }.encode());
         if let Some(member) = joined {
-            channel.deliver(&Reply::MemberAdded { channel: name, member }.encode(), Some(outbox.id));
+            channel.deliver(&Reply::MemberAdded { channel: name, member }.encode(), Some(outbox.id), None);
         }
         added
     }
@@ -131,7 +131,7 @@ impl Hub {
         let Some(channel) = channels.get_mut(name) else { return false };
         let removed = channel.subscribers.remove(&id).is_some();
         if let Some(gone) = channel.presence.as_mut().and_then(|presence| presence.leave(id)) {
-            channel.deliver(&Reply::MemberRemoved { channel: name, member: gone.to_json(false) }.encode(), None);
+            channel.deliver(&Reply::MemberRemoved { channel: name, member: gone.to_json(false) }.encode(), None, None);
         }
         if channel.subscribers.is_empty() {
             channels.remove(name);
@@ -142,7 +142,14 @@ impl Hub {
     /// Queue `frame` for every local subscriber of `name` except `exclude`. Returns how many it was queued for.
     pub fn publish(&self, name: &str, frame: &Utf8Bytes, exclude: Option<ConnId>) -> usize {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-        let queued = channels.get(name).map_or(0, |channel| channel.deliver(frame, exclude));
+        let queued = channels.get(name).map_or(0, |channel| {
+            let timer = self.stats.publish_timer();
+            let queued = channel.deliver(frame, exclude, timer.as_ref());
+            if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
+                self.stats.observe_publish_latency(latency);
+            }
+            queued
+        });
         drop(channels);
         self.stats.published(queued, frame.len());
         queued
@@ -219,11 +226,11 @@ mod tests {
         assert!(!hub.subscribe("one", &a, None), "subscribing twice is a no-op");
         assert!(hub.subscribe("two", &b, None));
         for _ in 0..2 {
-            assert!(rx_a.recv().await.unwrap().as_str().contains("subscribed"));
+            assert!(rx_a.recv().await.unwrap().frame.as_str().contains("subscribed"));
         }
-        assert!(rx_b.recv().await.unwrap().as_str().contains("subscribed"));
+        assert!(rx_b.recv().await.unwrap().frame.as_str().contains("subscribed"));
         assert_eq!(hub.publish("one", &Utf8Bytes::from_static("x"), None), 1);
-        assert_eq!(rx_a.recv().await.unwrap().as_str(), "x");
+        assert_eq!(rx_a.recv().await.unwrap().frame.as_str(), "x");
         assert!(rx_b.try_recv().is_none());
         assert_eq!(hub.publish("nobody", &Utf8Bytes::from_static("x"), None), 0);
     }
@@ -239,7 +246,7 @@ mod tests {
         rx_b.recv().await.unwrap();
         assert_eq!(hub.publish("c", &Utf8Bytes::from_static("x"), Some(a.id)), 1);
         assert!(rx_a.try_recv().is_none());
-        assert_eq!(rx_b.recv().await.unwrap().as_str(), "x");
+        assert_eq!(rx_b.recv().await.unwrap().frame.as_str(), "x");
     }
 
     #[test]
@@ -256,7 +263,7 @@ mod tests {
     }
 
     fn frame(rx: &mut crate::conn::outbox::OutboxReceiver) -> Value {
-        serde_json::from_str(rx.try_recv().expect("a queued frame").as_str()).unwrap()
+        serde_json::from_str(rx.try_recv().expect("a queued frame").frame.as_str()).unwrap()
     }
 
     fn join(user: &str) -> Option<MemberJoin> {
@@ -299,8 +306,8 @@ mod tests {
         hub.add_user_connection(&ana, &a2);
         hub.add_user_connection(&bob, &b);
         assert_eq!(hub.push_to_user("ana", &Utf8Bytes::from_static("x")), 2);
-        assert_eq!(rx1.recv().await.unwrap().as_str(), "x");
-        assert_eq!(rx2.recv().await.unwrap().as_str(), "x");
+        assert_eq!(rx1.recv().await.unwrap().frame.as_str(), "x");
+        assert_eq!(rx2.recv().await.unwrap().frame.as_str(), "x");
         assert!(rx_b.try_recv().is_none());
         hub.remove_user_connection("ana", a1.id);
         hub.remove_user_connection("ana", a2.id);
