@@ -331,9 +331,9 @@ fn default_authorization(user_id: &str, channel: &str) -> Authorization {
     }
 }
 
-/// The token from `?token=` or `Authorization: Bearer`.
+/// The token from `?token=` (the last one, as `Request.query` sees it) or `Authorization: Bearer`.
 fn token_of(request: &ConnectRequest) -> Option<String> {
-    let from_query = request.query.split('&').find_map(|pair| {
+    let from_query = request.query.rsplit('&').find_map(|pair| {
         let (name, value) = pair.split_once('=')?;
         (name == "token" && !value.is_empty()).then(|| percent_decode(value))
     });
@@ -407,6 +407,7 @@ mod tests {
     #[test]
     fn token_from_query_or_bearer_header() {
         assert_eq!(token_of(&request(&[], "a=1&token=abc.def")), Some("abc.def".into()));
+        assert_eq!(token_of(&request(&[], "token=first&token=last")), Some("last".into()));
         assert_eq!(token_of(&request(&[("authorization", "Bearer xyz")], "")), Some("xyz".into()));
         assert_eq!(token_of(&request(&[("authorization", "Basic xyz")], "")), None);
         assert_eq!(token_of(&request(&[], "token=")), None);

@@ -256,7 +256,7 @@ def test_missing_toml_file(tmp_path: Path) -> None:
 def test_public_key_as_pem_text() -> None:
     s = resolve_settings(env={"FASTWS_JWT_PUBLIC_KEY": PEM})
     assert s.jwt_public_key == PEM
-    assert s.jwt_algorithms == ("RS256", "ES256")
+    assert s.jwt_algorithms == ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512", "EdDSA")
 
 
 def test_public_key_from_a_file(tmp_path: Path) -> None:
@@ -323,9 +323,10 @@ def test_automatic_algorithms_and_mode() -> None:
     assert secret.jwt_algorithms == ("HS256",)
     assert describe_mode(secret) == "JWT auth (HS256)"
     both = resolve_settings({"jwt_secret": "s", "jwt_public_key": PEM}, env={})
-    assert both.jwt_algorithms == ("HS256", "RS256", "ES256")
-    assert describe_mode(both) == "JWT auth (HS256, RS256, ES256)"
-    assert describe_mode(both, has_auth_hook=True) == "JWT auth (HS256, RS256, ES256) + auth hook"
+    assert both.jwt_algorithms[:3] == ("HS256", "RS256", "RS384") and "EdDSA" in both.jwt_algorithms
+    # The core reports which of them match the key; the start-up line shows those.
+    assert describe_mode(both, accepted=["HS256", "RS256"]) == "JWT auth (HS256, RS256)"
+    assert describe_mode(both, has_auth_hook=True) == "auth hook (JWT settings unused)"
     assert describe_mode(resolve_settings(env={}), has_auth_hook=True) == "auth hook"
 
 

@@ -67,7 +67,7 @@ def channels() -> list[ChannelInfo]:
 
 
 def channel_stats(name: str) -> ChannelInfo:
-    """``{"name", "subscribers", "type"}`` of one channel."""
+    """``{"name", "subscribers", "type"}`` of one channel, plus ``"members"`` on presence channels."""
     return current_server().channel_stats(name)
 
 

@@ -64,6 +64,10 @@ class NativeServer:
             RuntimeError: the server is not running.
         """
 
+    @property
+    def jwt_algorithms(self) -> list[str]:
+        """The JWT algorithms the core accepts: the configured ones whose key family is configured."""
+
     def push_to_user(self, user_id: str, payload: bytes) -> int:
         """Deliver ``payload`` (JSON bytes) to every connection of a user; returns how many it was queued for.
 
@@ -79,7 +83,7 @@ class NativeServer:
         """Open WebSocket connections."""
 
     def channels(self) -> list[ChannelInfo]:
-        """Every channel with at least one subscriber, sorted by name."""
+        """Every channel with at least one subscriber, sorted by name (``members`` on presence channels)."""
 
     def channel_stats(self, name: str) -> ChannelInfo:
         """One channel; a channel nobody is subscribed to reports 0 subscribers."""

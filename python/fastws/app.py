@@ -169,7 +169,7 @@ class Server:
             "fastws listening on ws://%s:%d (%s; %s; broker: memory; %d workers)%s",
             host,
             port,
-            describe_mode(settings, has_auth_hook=self._authenticate is not None),
+            describe_mode(settings, has_auth_hook=self._authenticate is not None, accepted=native.jwt_algorithms),
             _origins_rule(settings),
             settings.workers,
             f"; demo page at http://{host}:{port}/" if settings.demo else "",
@@ -400,11 +400,17 @@ class Server:
         return self._require().connection_count()
 
     def channels(self) -> list[ChannelInfo]:
-        """Every channel with at least one subscriber: ``[{"name", "subscribers", "type"}]``, sorted by name."""
+        """Every channel with at least one subscriber: ``[{"name", "subscribers", "type"}]``, sorted by name.
+
+        Presence channels also have ``"members"`` (distinct users).
+        """
         return self._require().channels()
 
     def channel_stats(self, name: str) -> ChannelInfo:
-        """``{"name", "subscribers", "type"}`` of one channel (0 subscribers when nobody is subscribed)."""
+        """``{"name", "subscribers", "type"}`` of one channel (0 subscribers when nobody is subscribed).
+
+        Presence channels also have ``"members"`` (distinct users).
+        """
         return self._require().channel_stats(name)
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -180,6 +180,7 @@ def _redis_prefix(value: str) -> str:
 
 # ES512 is absent: the Rust verifier (jsonwebtoken) does not implement it, so accepting it here would fail later.
 _JWT_ALGORITHMS = tuple("HS256 HS384 HS512 RS256 RS384 RS512 ES256 ES384 PS256 PS384 PS512 EdDSA".split())
+_PUBLIC_KEY_ALGORITHMS = tuple(name for name in _JWT_ALGORITHMS if not name.startswith("HS"))
 _JWT_ALGORITHM_BY_UPPER = {name.upper(): name for name in _JWT_ALGORITHMS}
 
 
@@ -493,7 +494,8 @@ def _jwt_algorithms_for(won: Mapping[str, _Given]) -> tuple[str, ...]:
     given = won["jwt_algorithms"]
     chosen: tuple[str, ...] = given.value
     if not chosen:
-        return (("HS256",) if has_secret else ()) + (("RS256", "ES256") if has_public_key else ())
+        # Every public-key algorithm: the core keeps those whose family matches the key (RSA, EC or Ed25519).
+        return (("HS256",) if has_secret else ()) + (_PUBLIC_KEY_ALGORITHMS if has_public_key else ())
     if not has_secret and not has_public_key:
         raise given.invalid("needs jwt_secret or jwt_public_key as well")
     for name in chosen:
@@ -540,11 +542,14 @@ def resolve_settings(
     return Settings(**values)
 
 
-def describe_mode(s: Settings, has_auth_hook: bool = False) -> str:
-    """How clients are authenticated, in words for the startup log."""
-    modes = []
-    if s.jwt_algorithms:
-        modes.append(f"JWT auth ({', '.join(s.jwt_algorithms)})")
+def describe_mode(s: Settings, has_auth_hook: bool = False, accepted: Sequence[str] | None = None) -> str:
+    """How clients are authenticated, in words for the startup log.
+
+    ``accepted`` is the list of algorithms the core actually accepts (those matching the key), when known.
+    An authenticate hook decides alone, so JWT settings beside it are reported as unused.
+    """
     if has_auth_hook:
-        modes.append("auth hook")
-    return " + ".join(modes) if modes else "open mode: no authentication"
+        return "auth hook (JWT settings unused)" if s.jwt_algorithms else "auth hook"
+    if s.jwt_algorithms:
+        return f"JWT auth ({', '.join(s.jwt_algorithms if accepted is None else accepted)})"
+    return "open mode: no authentication"

@@ -144,6 +144,12 @@ impl PyServer {
         }
     }
 
+    /// The JWT algorithms accepted: the configured ones whose key family is configured.
+    #[getter]
+    fn jwt_algorithms(&self) -> Vec<String> {
+        self.config.auth.jwt.as_ref().map(|jwt| jwt.algorithm_names()).unwrap_or_default()
+    }
+
     #[getter]
     fn running(&self) -> bool {
         self.running.lock().unwrap_or_else(PoisonError::into_inner).is_some()

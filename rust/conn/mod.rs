@@ -266,13 +266,10 @@ impl Session {
             let member = MemberJoin { user_id: Arc::clone(&self.socket_id), info };
             return self.join(channel, Some(member));
         }
+        // With authentication configured every connection has a user, so only open mode gets here.
         let Some(user) = self.user.clone() else {
-            let why = if self.config.auth.required() {
-                "private- and presence- channels need an authenticated user"
-            } else {
-                "private- and presence- channels need an authenticated user, and this server has no authentication \
-                 configured (open mode)"
-            };
+            let why = "private- and presence- channels need an authenticated user, and this server has no \
+                       authentication configured (open mode)";
             return self.refuse(&Refusal::new(ErrorCode::Forbidden, Some(channel), why));
         };
         match self.config.auth.authorize_now(&user.id, channel) {
