@@ -28,6 +28,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Drop a TCP connection whose HTTP upgrade is not complete in this time (slowloris).
     pub handshake_timeout: Duration,
+    /// TCP connections allowed in their HTTP upgrade at once; further ones are closed at accept.
+    pub max_pending_handshakes: usize,
+    /// Inbound messages per second per connection, and the burst allowed above it (a token bucket).
+    pub rate_limit: f64,
+    pub rate_burst: f64,
     /// Bound of each connection's outgoing queue.
     pub send_queue_bytes: usize,
     /// Origin rule, JWT verification and the application's hooks.
@@ -52,6 +57,9 @@ impl Default for ServerConfig {
             heartbeat_interval: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 1024,
+            rate_limit: 100.0,
+            rate_burst: 200.0,
             send_queue_bytes: 1 << 20,
             auth: AuthConfig { hook_timeout: Duration::from_secs(5), ..AuthConfig::default() },
             api_key: None,

@@ -32,6 +32,8 @@ pub enum CloseCode {
     ProtocolError = 1002,
     /// A text frame that is not UTF-8 (RFC 6455).
     InvalidPayload = 1007,
+    /// Kept sending over the rate limit for a second after error 4029 (RFC 6455 "policy violation").
+    PolicyViolation = 1008,
     /// A message larger than `max_message_size` (RFC 6455).
     TooBig = 1009,
     /// The connection could not keep up with what it was sent: its outgoing queue passed `send_queue_bytes`.
@@ -47,6 +49,7 @@ impl CloseCode {
             CloseCode::GoingAway => "going away",
             CloseCode::ProtocolError => "protocol error",
             CloseCode::InvalidPayload => "text frame is not valid UTF-8",
+            CloseCode::PolicyViolation => "rate limit exceeded",
             CloseCode::TooBig => "message too big",
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::IdleTimeout => "idle timeout",

@@ -8,10 +8,12 @@
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::WebSocketStream;
@@ -96,12 +98,22 @@ fn random_node_id() -> u32 {
 
 async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, config: Arc<ServerConfig>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote_addr)) => {
-                    tracker.spawn(handle(stream, remote_addr, Arc::clone(&hub), Arc::clone(&config), shutdown.clone()));
+                    // Slowloris: a cap on connections still in their upgrade, each also bounded by handshake_timeout.
+                    if pending.fetch_add(1, Ordering::Relaxed) >= config.max_pending_handshakes {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        hub.stats.handshake(Handshake::Unavailable);
+                        drop(stream);
+                        continue;
+                    }
+                    let slot = PendingHandshake(Arc::clone(&pending));
+                    let connection = handle(stream, remote_addr, slot, Arc::clone(&hub), Arc::clone(&config), shutdown.clone());
+                    tracker.spawn(contain_panics(connection, remote_addr));
                 }
                 Err(error) => {
                     log::warn!("accept failed: {error}");
@@ -117,6 +129,28 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, config: Arc<ServerCon
     }
 }
 
+/// Counts a connection in its HTTP upgrade for `max_pending_handshakes`; uncounts it when dropped.
+struct PendingHandshake(Arc<AtomicUsize>);
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Run a connection's task so that a panic in it is logged and ends only that connection. Its guards (the
+/// connection slot, the hub subscriptions) are released while unwinding.
+async fn contain_panics<F: std::future::Future<Output = ()>>(task: F, remote_addr: SocketAddr) {
+    if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        log::error!("a connection task from {remote_addr} panicked and was closed: {message}");
+    }
+}
+
 /// Counts an open WebSocket connection for `max_connections` and stats; uncounts it however the task ends.
 struct ConnectionSlot(Arc<Hub>);
 
@@ -129,6 +163,7 @@ impl Drop for ConnectionSlot {
 async fn handle(
     mut stream: TcpStream,
     remote_addr: SocketAddr,
+    pending: PendingHandshake,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
@@ -180,6 +215,7 @@ async fn handle(
         return;
     }
     hub.stats.handshake(Handshake::Accepted);
+    drop(pending);
     let ws =
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(websocket_config(&config))).await;
     // The request is kept only for lifecycle hooks that want to see it.
@@ -213,4 +249,22 @@ fn websocket_config(config: &ServerConfig) -> WebSocketConfig {
         .max_write_buffer_size(config.send_queue_bytes.max(64 * 1024))
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_connection_task_is_contained() {
+        let guard_dropped = Arc::new(AtomicUsize::new(0));
+        let guard = PendingHandshake(Arc::clone(&guard_dropped));
+        guard_dropped.store(1, Ordering::Relaxed);
+        let task = async move {
+            let _guard = guard;
+            panic!("boom");
+        };
+        contain_panics(task, "127.0.0.1:1".parse().unwrap()).await;
+        assert_eq!(guard_dropped.load(Ordering::Relaxed), 0, "the guard was released while unwinding");
+    }
 }

@@ -204,7 +204,7 @@ def test_times_must_be_finite(text: str) -> None:
     [
         ({"FASTWS_WORKERS": "0"}, "must be at least 1"),
         ({"FASTWS_SEND_QUEUE_BYTES": "1023"}, "must be at least 1024"),
-        ({"FASTWS_RATE_LIMIT": "0"}, "must be greater than 0"),
+        ({"FASTWS_RATE_LIMIT": "-1"}, "must not be negative (0 disables it)"),
         ({"FASTWS_HOOK_TIMEOUT": "0"}, "must be greater than 0"),
         ({"FASTWS_JWT_USER_CLAIM": ""}, "must not be empty"),
         ({"FASTWS_REDIS_URL": "http://localhost"}, "must start with redis://, rediss:// or unix://"),

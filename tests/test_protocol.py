@@ -238,3 +238,12 @@ async def test_server_stop_sends_going_away(start_server: StartServer) -> None:
             await c.recv()
         rcvd = closed.value.rcvd
         assert rcvd is not None and (rcvd.code, rcvd.reason) == (1001, "going away")
+
+
+async def test_a_client_close_gets_the_closing_handshake_back(server: fastws.Server) -> None:
+    host, port = server.address
+    async with connect(f"ws://{host}:{port}/") as ws:
+        await ws.recv()
+        await ws.close(code=1000, reason="bye")
+        assert ws.protocol.close_rcvd is not None, "the server answered the close frame"
+        assert ws.protocol.close_rcvd.code == 1000

@@ -1,4 +1,6 @@
-"""The ``fastws`` command line: ``fastws serve [APP]`` runs a server, ``fastws version`` prints the version.
+"""The ``fastws`` command line: ``fastws serve [APP]`` runs a server, ``fastws token`` signs a development JWT,
+``fastws stats`` and ``fastws push`` talk to a running server over its HTTP endpoints, ``fastws version`` prints
+the version.
 
 ``serve`` has one option per setting, generated from :data:`fastws.config.SETTINGS`. Options default to None
 so that only the flags actually given reach :func:`fastws.config.resolve_settings`, which layers them over
@@ -9,14 +11,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from fastws._http import DEFAULT_URL, OpsError, normalize_url, request_json
 from fastws.config import SETTINGS, SettingSpec, validate_sources
 from fastws.errors import ConfigError
 
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
     # The ignore covers checkouts where fastws.app is not written yet; "unused-ignore" keeps it quiet otherwise.
     from fastws.app import Server  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["load_app", "main"]
+__all__ = ["format_stats", "load_app", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -171,3 +175,249 @@ def version() -> None:
     except importlib.metadata.PackageNotFoundError:
         installed = "unknown"
     click.echo(f"fastws {installed}")
+
+
+# -- talking to a running server: `fastws stats`, `fastws push` ---------------------------------------------------
+
+
+def _url_option(command: F) -> F:
+    return click.option(
+        "--url",
+        metavar="URL",
+        envvar="FASTWS_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        help="The server's address (ws:// and wss:// work too). [env: FASTWS_URL]",
+    )(command)
+
+
+def _api_key_option(command: F) -> F:
+    return click.option(
+        "--api-key",
+        metavar="KEY",
+        envvar="FASTWS_API_KEY",
+        default=None,
+        help="Sent as `Authorization: Bearer KEY`; needed when the server sets api_key. "
+        "Prefer the env variable: flags show in `ps`. [env: FASTWS_API_KEY]",
+    )(command)
+
+
+def _base_url(url: str) -> str:
+    try:
+        return normalize_url(url)
+    except ValueError as exc:
+        click.echo(f"fastws: error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _fail(exc: OpsError) -> NoReturn:
+    click.echo(f"fastws: error: {exc}", err=True)
+    sys.exit(1)
+
+
+def _fetch_stats(base_url: str, api_key: str | None) -> dict[str, Any]:
+    stats = request_json(base_url, "/stats", api_key=api_key)
+    if not isinstance(stats, dict) or not isinstance(stats.get("channels", []), list):
+        raise OpsError(f"{base_url}/stats did not answer a statistics document; is it a fastws server?")
+    return stats
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{secs}s"
+
+
+def format_stats(stats: Mapping[str, Any], limit: int = 0) -> str:
+    """The ``/stats`` document as the report ``fastws stats`` prints; ``limit`` > 0 keeps the busiest channels."""
+    channels: list[Mapping[str, Any]] = [c for c in stats.get("channels", []) if isinstance(c, Mapping)]
+    totals = [
+        ("Total Connections:", f"{int(stats.get('connections', 0)):,}"),
+        ("Total Channels:", f"{len(channels):,}"),
+        ("Messages In:", f"{int(stats.get('messages_in', 0)):,}"),
+        ("Messages Out:", f"{int(stats.get('messages_out', 0)):,}"),
+        ("Uptime:", _duration(float(stats.get("uptime_s", 0)))),
+    ]
+    label_width = max(len(label) for label, _ in totals)
+    lines = ["WebSocket Server Statistics", ""]
+    lines += [f"{label:<{label_width}} {value}" for label, value in totals]
+    lines.append("")
+    if not channels:
+        lines.append("Active Channels: none")
+        return "\n".join(lines)
+    # Busiest first, then by name, so the order holds still between refreshes of --watch.
+    channels.sort(key=lambda c: (-int(c.get("subscribers", 0)), str(c.get("name", ""))))
+    shown = channels[:limit] if limit > 0 else channels
+    names = [f"{c.get('name', '?')} ({c.get('type', '?')}):" for c in shown]
+    subscribers = [f"{int(c.get('subscribers', 0)):,}" for c in shown]
+    name_width = max(len(name) for name in names)
+    number_width = max(len(number) for number in subscribers)
+    lines.append("Active Channels:")
+    for channel, name, number in zip(shown, names, subscribers):
+        noun = "subscriber" if int(channel.get("subscribers", 0)) == 1 else "subscribers"
+        line = f"  {name:<{name_width}} {number:>{number_width}} {noun}"
+        if "members" in channel:
+            line += ", " + _count(int(channel["members"]), "member")
+        lines.append(line)
+    if len(shown) < len(channels):
+        lines.append(f"  ... and {len(channels) - len(shown):,} more (--limit 0 shows all)")
+    return "\n".join(lines)
+
+
+def _pause(seconds: float) -> None:
+    """Wait between refreshes of ``stats --watch`` (a function of its own so tests can replace it)."""
+    time.sleep(seconds)
+
+
+@main.command()
+@_url_option
+@_api_key_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw /stats JSON on one line, for scripts.")
+@click.option("--limit", type=click.IntRange(min=0), default=0, metavar="N", help="Show only the N busiest channels.")
+@click.option("--watch", is_flag=True, help="Clear the screen and refresh until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Seconds between refreshes of --watch. [default: 2]",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Stop --watch after N refreshes (for scripts and tests). [default: until Ctrl-C]",
+)
+def stats(
+    url: str,
+    api_key: str | None,
+    as_json: bool,
+    limit: int,
+    watch: bool,
+    interval: float | None,
+    count: int | None,
+) -> None:
+    """Show a running server's statistics: connections, channels, messages and uptime.
+
+    Reads GET /stats, which answers clients on the server's machine, or anyone sending the server's api_key.
+    With --json and --watch, one JSON line is printed per refresh.
+    """
+    base_url = _base_url(url)
+    if not watch and (interval is not None or count is not None):
+        raise click.UsageError("--interval and --count need --watch")
+
+    def show() -> None:
+        document = _fetch_stats(base_url, api_key or None)
+        if as_json:
+            click.echo(json.dumps(document, separators=(",", ":")))
+        elif watch:
+            header = f"Every {interval or 2:g}s: {base_url}    {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            click.clear()  # does nothing when stdout is not a terminal: the reports then follow each other
+            click.echo(f"{header}\n\n{format_stats(document, limit)}\n")
+        else:
+            click.echo(format_stats(document, limit))
+
+    try:
+        show()
+    except OpsError as exc:
+        _fail(exc)
+    if not watch:
+        return
+    shown = 1
+    try:
+        while count is None or shown < count:
+            _pause(interval or 2.0)
+            try:
+                show()
+            except OpsError as exc:
+                # The first answer proved the address right: keep watching through a restart, as watch(1) does.
+                click.echo(f"fastws: error: {exc}", err=True)
+            shown += 1
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how --watch ends
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _publish_body(target: str, payload: str | None, user_id: str | None, exclude: str | None) -> bytes:
+    """The POST /api/publish body for `fastws push`'s arguments; a usage error exits 2."""
+    fields: dict[str, str] = {}
+    if user_id is not None:
+        if payload is not None:
+            raise click.UsageError("with --user, give only the JSON payload, not a CHANNEL")
+        if exclude is not None:
+            raise click.UsageError("--exclude applies to channel pushes, not to --user")
+        if not user_id:
+            raise click.UsageError("--user must not be empty")
+        text, fields["user"] = target, user_id
+    else:
+        if payload is None:
+            raise click.UsageError("missing JSON payload: fastws push CHANNEL JSON (or --user ID JSON)")
+        text, fields["channel"] = payload, target
+        if exclude is not None:
+            fields["exclude"] = exclude
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+        # The payload goes through as typed, not re-encoded: numbers and key order stay exactly the user's.
+        return (json.dumps(fields)[:-1] + ', "payload": ' + text.strip() + "}").encode("utf-8")
+    except ValueError as exc:  # UnicodeEncodeError included: bytes that were not UTF-8 in the arguments
+        click.echo(f"fastws: error: the payload is not valid JSON: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("target", metavar="[CHANNEL]")
+@click.argument("payload", metavar="JSON", required=False)
+@_url_option
+@_api_key_option
+@click.option("--user", "user_id", metavar="ID", default=None, help="Push to this user's connections, not a channel.")
+@click.option("--exclude", metavar="SOCKET_ID", default=None, help="Leave out this connection (a channel push only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON answer instead of a sentence.")
+def push(
+    target: str,
+    payload: str | None,
+    url: str,
+    api_key: str | None,
+    user_id: str | None,
+    exclude: str | None,
+    as_json: bool,
+) -> None:
+    """Publish JSON to a channel of a running server, or push it to a user's connections.
+
+    \b
+      fastws push chat.room.1 '{"event": "new-message", "data": {"text": "hi"}}'
+      fastws push --user 123 '{"event": "notification", "data": {"unread": 3}}'
+
+    JSON is the payload text; `-` reads it from stdin. It is delivered as the fastws.push() payload would be.
+    Uses POST /api/publish, which answers clients on the server's machine, or anyone sending the api_key.
+    """
+    body = _publish_body(target, payload, user_id, exclude)
+    base_url = _base_url(url)
+    try:
+        answer = request_json(base_url, "/api/publish", api_key=api_key or None, body=body)
+    except OpsError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(answer, separators=(",", ":")))
+        return
+    delivered = answer.get("delivered") if isinstance(answer, dict) else None
+    if not isinstance(delivered, int):
+        _fail(OpsError(f"{base_url}/api/publish answered {json.dumps(answer)[:200]}, not a delivery count"))
+    click.echo(f"delivered to {_count(delivered, 'connection')}")

@@ -66,6 +66,7 @@ class Settings:
     rate_limit: float
     rate_burst: int
     handshake_timeout: float
+    max_pending_handshakes: int
     hook_timeout: float
     send_queue_bytes: int
     redis_url: str | None
@@ -249,9 +250,22 @@ SETTINGS: dict[str, SettingSpec] = {
         SettingSpec("jwt_issuer", "str", None, "Required JWT 'iss' claim.", nullable=True),
         SettingSpec("jwt_leeway", "float", 0.0, "Seconds of clock skew allowed on JWT times.", check=_not_negative),
         SettingSpec("jwt_user_claim", "str", "sub", "JWT claim holding the user id.", check=_non_empty),
-        SettingSpec("rate_limit", "float", 100.0, "Messages per second a connection may send.", check=_positive),
+        SettingSpec(
+            "rate_limit",
+            "float",
+            100.0,
+            "Messages per second a connection may send (0: no limit).",
+            check=_not_negative,
+        ),
         SettingSpec("rate_burst", "int", 200, "Messages a connection may send in a burst.", check=_at_least(1)),
         SettingSpec("handshake_timeout", "float", 10.0, "Seconds allowed for the handshake.", check=_positive),
+        SettingSpec(
+            "max_pending_handshakes",
+            "int",
+            1024,
+            "TCP connections still in their HTTP upgrade at once; more are dropped (slowloris).",
+            check=_at_least(1),
+        ),
         SettingSpec("hook_timeout", "float", 5.0, "Seconds a Python hook may take.", check=_positive),
         SettingSpec(
             "send_queue_bytes",

@@ -88,6 +88,15 @@ impl PyServer {
         if let Some(v) = setting(settings, "handshake_timeout")? {
             config.handshake_timeout = seconds(v);
         }
+        if let Some(v) = setting(settings, "max_pending_handshakes")? {
+            config.max_pending_handshakes = v;
+        }
+        if let Some(v) = setting(settings, "rate_limit")? {
+            config.rate_limit = v;
+        }
+        if let Some(v) = setting(settings, "rate_burst")? {
+            config.rate_burst = v;
+        }
         if let Some(v) = setting(settings, "send_queue_bytes")? {
             config.send_queue_bytes = v;
         }

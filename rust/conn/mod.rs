@@ -5,6 +5,7 @@
 //! raced against shutdown and the slow-consumer signal, so a peer that stops reading cannot pin the task.
 
 pub mod outbox;
+pub mod rate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use crate::handshake::ConnectRequest;
 use crate::hub::{ChannelKind, Hub, MemberJoin};
 use crate::protocol::{self, Command, Origin, Refusal, Reply};
 use outbox::{ConnId, Outbox, OutboxReceiver, Outgoing};
+use rate::{RateLimiter, Verdict};
 
 /// Frames written per flush when the outbox holds a backlog: batching amortises the syscall.
 const MAX_BATCH_FRAMES: usize = 64;
@@ -84,6 +86,7 @@ pub async fn run<S>(
     drop(request);
     let mut session = Session {
         id,
+        rate: RateLimiter::new(config.rate_limit, config.rate_burst, std::time::Instant::now()),
         socket_id: socket_id.as_str().into(),
         outbox,
         user,
@@ -111,8 +114,9 @@ pub async fn run<S>(
         })
         .await;
     } else {
-        // The client closed (or the socket failed): flush tungstenite's automatic close reply, if any.
-        let _ = timeout(CLOSE_GRACE, ws.close(None)).await;
+        // The client closed (or the socket failed): flush tungstenite's automatic close reply. Not `ws.close()`:
+        // that sends a new Close message, which tungstenite refuses once the peer has closed (SendAfterClosing).
+        let _ = timeout(CLOSE_GRACE, SinkExt::flush(&mut ws)).await;
     }
     if let Some(hooks) = hooks {
         let disconnected = hooks.disconnected(&socket_id, end.code());
@@ -130,6 +134,8 @@ pub async fn run<S>(
 /// One connection's state, owned by its task.
 struct Session {
     id: ConnId,
+    /// Inbound rate limit; None when `rate_limit` is 0.
+    rate: Option<RateLimiter>,
     socket_id: Arc<str>,
     outbox: Arc<Outbox>,
     /// Who this connection authenticated as; None in open mode.
@@ -188,10 +194,22 @@ impl Session {
                     last_heard = Instant::now();
                     pinged = false;
                     match message {
-                        Some(Ok(Message::Text(text))) => self.handle_text(&text),
-                        Some(Ok(Message::Binary(data))) => {
-                            self.hub.stats.received(data.len());
-                            self.refuse(&Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames"));
+                        Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                            let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
+                            match verdict {
+                                Verdict::Accept => self.handle_data(&message),
+                                Verdict::Warn => self.refuse(&Refusal::new(
+                                    ErrorCode::RateLimited,
+                                    None,
+                                    format!(
+                                        "rate limited: at most {} messages/s (burst {}); messages are dropped, \
+                                         and the connection closes if this goes on for a second",
+                                        self.config.rate_limit, self.config.rate_burst
+                                    ),
+                                )),
+                                Verdict::Drop => {}
+                                Verdict::Close => return End::Close(CloseCode::PolicyViolation),
+                            }
                         }
                         Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame.map(|f| u16::from(f.code))),
                         None => return End::Dropped,
@@ -221,6 +239,19 @@ impl Session {
                     timer.as_mut().reset(next_check(last_heard, pinged, heartbeat, idle));
                 }
             }
+        }
+    }
+
+    fn handle_data(&mut self, message: &Message) {
+        match message {
+            Message::Text(text) => self.handle_text(text),
+            Message::Binary(data) => {
+                self.hub.stats.received(data.len());
+                let refusal =
+                    Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames");
+                self.refuse(&refusal);
+            }
+            _ => {}
         }
     }
 
