@@ -3,12 +3,11 @@
 //! Measures `Hub::publish` (walk the subscriber map, clone the shared frame into each outbox) and the matching
 //! drain on the consumer side, so the figure is the in-process fan-out cost per delivery. Run:
 //! `cargo bench --bench hub` (stable; harness = false). Sockets, syscalls and the client are not included: the
-//! end-to-end harness is benches/fanout.rs.
+//! end-to-end harness is `make bench` (benches/run.py and the load generator in benches/loadgen).
 
 // A bench's output is its report.
 #![allow(clippy::print_stdout)]
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use _fastws::conn::outbox::{Outbox, OutboxReceiver};
@@ -27,7 +26,6 @@ fn main() {
         let mut outboxes = Vec::with_capacity(subscribers);
         for _ in 0..subscribers {
             let (outbox, mut rx) = Outbox::new(hub.new_conn_id(), 1 << 20);
-            let outbox = Arc::new(outbox);
             hub.subscribe("bench", &outbox, None);
             let subscribed = rx.try_recv().expect("the subscribed reply");
             outbox.written(subscribed.frame.len());

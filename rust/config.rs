@@ -8,6 +8,7 @@ use std::time::Duration;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::auth::AuthConfig;
+use crate::broker::redis::RedisSettings;
 
 /// Everything the accept loop, connection tasks and hub need, validated once.
 #[derive(Clone)]
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     /// Serve the demo chat page at `/`, allow client publish on `demo.*` and anonymous presence on
     /// `presence-demo.*`.
     pub demo: bool,
+    /// Join the cluster of nodes sharing this Redis (`redis_url`, `redis_prefix`, `node_ttl`); None: one node.
+    pub redis: Option<RedisSettings>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             auth: AuthConfig { hook_timeout: Duration::from_secs(5), ..AuthConfig::default() },
             api_key: None,
             demo: false,
+            redis: None,
         }
     }
 }

@@ -76,12 +76,13 @@ pub async fn read_head(
 ) -> Result<(ConnectRequest, Vec<u8>), HeadError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        let mut chunk = [0u8; 1024];
-        let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Disconnected)?;
+        // Read into the Vec's spare capacity: no buffer on the future's stack, which would stay part of every
+        // connection task's size.
+        buf.reserve(1024);
+        let n = stream.read_buf(&mut buf).await.map_err(|_| HeadError::Disconnected)?;
         if n == 0 {
             return Err(HeadError::Disconnected);
         }
-        buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf) {

@@ -1,7 +1,9 @@
 //! Plain HTTP on the WebSocket port: refusals of the handshake and the operational endpoints.
 //!
-//! `/healthz` is always open. `/stats`, `/metrics`, `/dashboard` and `POST /api/publish` answer loopback clients
-//! only, unless an `api_key` is configured; then the key is required from anywhere. A request that came through
+//! `/healthz` is always open. `/stats`, `/metrics`, `/dashboard`, `POST /api/publish` and `GET /api/presence`
+//! answer loopback clients only, unless an `api_key` is configured; then the key is required from anywhere.
+//! `/stats`, `/api/presence` and `/api/publish` act on the whole cluster when the node has a Redis broker;
+//! `/metrics` is this node's. A request that came through
 //! a proxy (`X-Forwarded-For`/`Forwarded`) is not treated as loopback, since the proxy's address says nothing of
 //! the client's. `/` serves the demo chat page when `demo` is on. Every answer closes the connection (no
 //! keep-alive: these endpoints are polled by monitors and scripts, not used to load sites).
@@ -15,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::broker::ClusterStats;
 use crate::config::ServerConfig;
 use crate::handshake::ConnectRequest;
 use crate::hub::Hub;
@@ -110,12 +113,13 @@ async fn route(
             426,
             "this is a fastws WebSocket endpoint: connect with a WebSocket client (ws://host:port/)",
         ),
-        "/stats" | "/metrics" | "/dashboard" | "/api/publish" => {
+        "/stats" | "/metrics" | "/dashboard" | "/api/publish" | "/api/presence" => {
             if let Err(refusal) = ops_access(request, config) {
                 return refusal;
             }
             match (request.path.as_str(), get) {
-                ("/stats", true) => Response::json(200, &stats_json(hub)),
+                ("/stats", true) => Response::json(200, &stats_json(hub).await),
+                ("/api/presence", true) => presence(request, hub).await,
                 ("/metrics", true) => Response {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -130,10 +134,25 @@ async fn route(
     }
 }
 
-/// The `/stats` document.
-pub fn stats_json(hub: &Hub) -> Value {
-    let channels: Vec<Value> = hub
-        .channels()
+/// The `/stats` document: the cluster's connections and channels (this node's alone when the broker can't
+/// answer, with `broker_error` saying why), the nodes, and this node's message counters and uptime.
+pub async fn stats_json(hub: &Hub) -> Value {
+    let broker = hub.broker();
+    let (cluster, error) = match broker.stats(hub).await {
+        Ok(cluster) => (cluster, None),
+        Err(error) => {
+            let channels = hub.channels();
+            let local = ClusterStats { connections: hub.connection_count(), channels, nodes: Vec::new() };
+            (local, Some(error.to_string()))
+        }
+    };
+    let nodes: Vec<Value> = cluster
+        .nodes
+        .iter()
+        .map(|node| json!({"id": node.id, "address": node.address, "connections": node.connections}))
+        .collect();
+    let channels: Vec<Value> = cluster
+        .channels
         .into_iter()
         .map(|info| {
             let mut channel = json!({"name": info.name, "type": info.kind.as_str(), "subscribers": info.subscribers});
@@ -144,13 +163,34 @@ pub fn stats_json(hub: &Hub) -> Value {
         })
         .collect();
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
-    json!({
-        "connections": hub.connection_count(),
+    let mut document = json!({
+        "connections": cluster.connections,
         "channels": channels,
         "messages_in": load(&hub.stats.messages_in),
         "messages_out": load(&hub.stats.messages_out),
         "uptime_s": (hub.stats.uptime().as_secs_f64() * 10.0).round() / 10.0,
-    })
+        "broker": broker.name(),
+        "node": hub.node_id().to_string(),
+        "nodes": nodes,
+    });
+    if let Some(error) = error {
+        document["broker_error"] = json!(error);
+    }
+    document
+}
+
+/// `GET /api/presence?channel=NAME` → `{"channel", "members": [{"id","info","connected_at"}]}`, cluster-wide.
+async fn presence(request: &ConnectRequest, hub: &Hub) -> Response {
+    let Some(channel) = query_value(&request.query, "channel") else {
+        return Response::error(400, "give the channel: /api/presence?channel=NAME");
+    };
+    if let Err(refusal) = protocol::validate_channel_name(&channel) {
+        return Response::error(400, &refusal.message);
+    }
+    match hub.broker().presence(hub, &channel).await {
+        Ok(members) => Response::json(200, &json!({"channel": channel, "members": members})),
+        Err(error) => Response::error(503, &error.to_string()),
+    }
 }
 
 /// The access rule of the operational endpoints.
@@ -247,8 +287,7 @@ async fn publish(
             let Ok(frame) = protocol::encode_publication(&channel, payload.get(), Origin::Server) else {
                 return Response::error(400, "\"payload\" must be JSON");
             };
-            let exclude = parsed.exclude.as_deref().and_then(|socket_id| hub.conn_id_of(socket_id));
-            hub.publish(&channel, &frame, exclude)
+            hub.broadcast(&channel, &frame, parsed.exclude.as_deref())
         }
         (None, Some(user)) => {
             let user_id = match user {
@@ -259,7 +298,7 @@ async fn publish(
             let Ok(frame) = protocol::encode_user_push(payload.get()) else {
                 return Response::error(400, "\"payload\" must be JSON");
             };
-            hub.push_to_user(&user_id, &frame)
+            hub.broadcast_to_user(&user_id, &frame)
         }
         _ => return Response::error(400, "give exactly one of \"channel\" and \"user\""),
     };

@@ -1,11 +1,13 @@
 //! fastws: a WebSocket server for Python applications, with a Rust core.
 //!
 //! Data flow, one module per stage: `server` (accept) → `handshake` (HTTP upgrade, or `http` for plain requests)
-//! → `conn` (per-connection task and its outbox) → `protocol` (decode/encode) → `hub` (channels and fan-out).
+//! → `conn` (per-connection task and its outbox) → `protocol` (decode/encode) → `hub` (channels and fan-out),
+//! with `broker` beside the hub for the other nodes of a cluster (Redis).
 //! `bridge` is the only way in from Python.
 
 pub mod auth;
 pub mod bridge;
+pub mod broker;
 pub mod config;
 pub mod conn;
 pub mod error;
@@ -23,6 +25,7 @@ use pyo3::prelude::*;
 fn _fastws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<bridge::server::PyServer>()?;
+    m.add_class::<bridge::publisher::PyRedisPublisher>()?;
     m.add_function(wrap_pyfunction!(bridge::logging::next_log_record, m)?)?;
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! Presence: who is on a `presence-` channel. One member per user, however many connections (tabs, devices) the
 //! user has there; `member_added` is due on the first connection and `member_removed` after the last one leaves.
 //!
-//! This is the single-node, in-memory implementation, kept inside the hub's channel entry so joins, leaves and
-//! the events they cause are ordered by the hub's lock. The Redis scale-out work puts a cluster-wide
-//! implementation behind the same operations.
+//! This is the in-memory implementation, kept inside the hub's channel entry so joins, leaves and the events they
+//! cause are ordered by the hub's lock. On a single node it is the whole truth. In a Redis cluster it holds this
+//! node's connections, which the broker mirrors into Redis (rust/broker/redis.rs): the cluster-wide members and
+//! their events then come from there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,6 +72,11 @@ impl Presence {
         } else {
             None
         }
+    }
+
+    /// Each counted connection with its member.
+    pub fn connections(&self) -> impl Iterator<Item = (ConnId, &Member)> {
+        self.member_of.iter().filter_map(|(conn, user_id)| self.members.get(user_id).map(|member| (*conn, member)))
     }
 
     /// Members in the order they arrived.

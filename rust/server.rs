@@ -3,8 +3,10 @@
 //!
 //! [`RunningServer`] is the Python-free handle the bridge wraps: start binds synchronously (so "address in use"
 //! is an error of `start()`, and port 0 resolves to a real port), the runtime lives on its own thread, and
-//! `stop()` sends 1001 to every client and waits until every connection task has ended.
+//! `stop()` sends 1001 to every client and waits until every connection task has ended. With `redis_url` the
+//! start also connects to Redis (failing like a bind does) and runs the broker's task beside the accept loop.
 
+use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::config::ServerConfig;
 use crate::handshake::{self, HeadError, Route};
 use crate::http::{self, Response};
@@ -37,11 +41,42 @@ pub struct RunningServer {
     local_addr: SocketAddr,
     shutdown: CancellationToken,
     thread: Option<JoinHandle<()>>,
+    /// For callers outside the runtime (the Python bridge) that need an async answer, such as cluster reads.
+    runtime: tokio::runtime::Handle,
 }
 
+/// Why a server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Binding the address (or building the runtime) failed.
+    Io(io::Error),
+    /// `redis_url` is set and Redis could not be reached; the message is one line.
+    Broker(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Io(error) => error.fmt(f),
+            StartError::Broker(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<io::Error> for StartError {
+    fn from(error: io::Error) -> Self {
+        StartError::Io(error)
+    }
+}
+
+/// How long stop() gives the broker to leave the cluster (its members removed from Redis).
+const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl RunningServer {
-    /// Bind, build the runtime and start accepting in the background.
-    pub fn start(config: ServerConfig) -> io::Result<Self> {
+    /// Bind, build the runtime, connect to Redis when configured, and start accepting in the background.
+    pub fn start(config: ServerConfig) -> Result<Self, StartError> {
         let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
@@ -50,22 +85,48 @@ impl RunningServer {
             .thread_name("fastws-worker")
             .enable_all()
             .build()?;
-        let hub = Arc::new(Hub::new(random_node_id()));
+        let address = node_address(local_addr);
+        let (hub, broker_runner) = match &config.redis {
+            None => (Hub::with_broker(random_node_id(), Arc::new(MemoryBroker::new(address))), None),
+            Some(settings) => {
+                let connect = RedisBroker::connect(settings.clone(), address, random_node_id);
+                // On a thread of its own, so start() also works when called from inside another runtime.
+                let connected = std::thread::scope(|scope| scope.spawn(|| runtime.block_on(connect)).join());
+                let connected = connected.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                let (broker, runner, node_id) = connected.map_err(StartError::Broker)?;
+                (Hub::with_broker(node_id, Arc::new(broker)), Some(runner))
+            }
+        };
+        let hub = Arc::new(hub);
         let shutdown = CancellationToken::new();
+        let handle = runtime.handle().clone();
         let thread = std::thread::Builder::new().name("fastws-runtime".into()).spawn({
             let hub = Arc::clone(&hub);
             let shutdown = shutdown.clone();
             move || {
                 runtime.block_on(async move {
+                    let broker =
+                        broker_runner.map(|runner| tokio::spawn(runner.run(Arc::clone(&hub), shutdown.clone())));
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => accept_loop(listener, hub, Arc::new(config), shutdown).await,
+                        Ok(listener) => accept_loop(listener, hub, Arc::new(config), shutdown.clone()).await,
                         Err(error) => log::error!("cannot register the listener: {error}"),
+                    }
+                    // The broker leaves the cluster once stopped: this node's members are removed from Redis.
+                    shutdown.cancel();
+                    if let Some(broker) = broker {
+                        let _ = timeout(BROKER_STOP_TIMEOUT, broker).await;
                     }
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));
             }
         })?;
-        Ok(RunningServer { hub, local_addr, shutdown, thread: Some(thread) })
+        Ok(RunningServer { hub, local_addr, shutdown, thread: Some(thread), runtime: handle })
+    }
+
+    /// The server's runtime, for callers outside it (the Python bridge) that need an async answer, such as a
+    /// cluster read: `runtime().block_on(...)` from a thread that is not one of its workers.
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.runtime.clone()
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -88,6 +149,18 @@ impl RunningServer {
 impl Drop for RunningServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// `host:port` other nodes and operators can use: the machine's host name when bound to every interface.
+fn node_address(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_owned());
+    match host {
+        Ok(host) if !host.is_empty() => format!("{host}:{}", addr.port()),
+        _ => addr.to_string(),
     }
 }
 
@@ -244,7 +317,7 @@ async fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
 /// write target) would cost far more per idle connection than everything else fastws keeps for it.
 fn websocket_config(config: &ServerConfig) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(config.send_queue_bytes.max(64 * 1024))
         .max_message_size(Some(config.max_message_size))

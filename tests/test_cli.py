@@ -138,3 +138,10 @@ def test_python_dash_m_reports_a_bad_port() -> None:
     assert completed.stderr == (
         "fastws: error: invalid setting port = 70000 (from command line --port): must be between 0 and 65535\n"
     )
+
+
+def test_redis_is_an_alias_of_redis_url() -> None:
+    text = " ".join(serve("--help").output.split())
+    assert "--redis-url, --redis TEXT" in text and "env: FASTWS_REDIS_URL]" in text
+    # A bad value through the alias names the setting's own flag.
+    assert_one_line_error(serve("--redis", "http://nope"), "redis_url = http://nope", "command line --redis-url")

@@ -5,6 +5,9 @@ Start a server with ``fastws serve`` (or ``fastws.Server(...).run()``), then pus
     import fastws
     fastws.push("chat.room.1", {"event": "new-message", "data": {"text": "hi"}})
     fastws.to_user(123).push({"event": "notification", "data": {...}})
+
+In a process without a server the same functions use ``FASTWS_REDIS_URL`` (the cluster's Redis) or ``FASTWS_URL``
+(a node's HTTP API); ``fastws.Client(...)`` is the explicit form.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastws._fastws import __version__
-from fastws.app import ChannelTarget, Server, UserTarget, current_server
+from fastws.app import ChannelTarget, Server, UserTarget
+from fastws.client import Client, current_target
 from fastws.config import Settings
 from fastws.errors import AlreadyRunning, ConfigError, FastWSError, NotRunning
 from fastws.types import ChannelInfo, Connection, Headers, Member, Request, User
@@ -21,6 +25,7 @@ __all__ = [
     "AlreadyRunning",
     "ChannelInfo",
     "ChannelTarget",
+    "Client",
     "ConfigError",
     "Connection",
     "FastWSError",
@@ -44,15 +49,17 @@ __all__ = [
 
 
 def push(channel: str, payload: Any, *, exclude: str | None = None) -> int:
-    """Send ``payload`` to every subscriber of ``channel`` on the server running in this process.
+    """Send ``payload`` to every subscriber of ``channel``.
 
-    See ``Server.push``. Raises ``NotRunning`` when no server runs in this process.
+    Through the server running in this process (see ``Server.push``), else through ``FASTWS_REDIS_URL`` or
+    ``FASTWS_URL`` (see ``Client.push``, which says what the number returned counts on each route). Raises
+    ``NotRunning`` when there is none of the three.
     """
-    return current_server().push(channel, payload, exclude=exclude)
+    return current_target().push(channel, payload, exclude=exclude)
 
 
 def to_channel(name: str) -> ChannelTarget:
-    """``fastws.to_channel("chat.room.1").push({...})``; the server is looked up when ``push`` is called."""
+    """``fastws.to_channel("chat.room.1").push({...})``; the target is looked up when ``push`` is called."""
     return ChannelTarget(None, name)
 
 
@@ -62,20 +69,20 @@ def to_user(user_id: int | str) -> UserTarget:
 
 
 def channels() -> list[ChannelInfo]:
-    """Every channel with at least one subscriber, sorted by name."""
-    return current_server().channels()
+    """Every channel with at least one subscriber, sorted by name (cluster-wide with Redis)."""
+    return current_target().channels()
 
 
 def channel_stats(name: str) -> ChannelInfo:
     """``{"name", "subscribers", "type"}`` of one channel, plus ``"members"`` on presence channels."""
-    return current_server().channel_stats(name)
+    return current_target().channel_stats(name)
 
 
 def presence(channel: str) -> list[Member]:
     """The members of a presence channel: ``[{"id", "info", "connected_at"}]``, in arrival order."""
-    return current_server().presence(channel)
+    return current_target().presence(channel)
 
 
 def connection_count() -> int:
-    """Open WebSocket connections on the server running in this process."""
-    return current_server().connection_count()
+    """Open WebSocket connections: on the server running in this process, else on every node (``Client``)."""
+    return current_target().connection_count()

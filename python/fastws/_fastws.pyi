@@ -7,7 +7,7 @@ from typing_extensions import Self
 
 from fastws.types import ChannelInfo, Member
 
-__all__ = ["NativeServer", "__version__", "next_log_record"]
+__all__ = ["NativeServer", "RedisPublisher", "__version__", "next_log_record"]
 __version__: str
 
 @final
@@ -35,9 +35,10 @@ class NativeServer:
         on_disconnect: Callable[[str, int], None] | None = None,
     ) -> Self: ...
     def start(self) -> None:
-        """Bind and serve in background threads.
+        """Bind and serve in background threads; with ``redis_url``, join the cluster first.
 
         Raises:
+            ConnectionError: ``redis_url`` is set and Redis can't be reached (one-line message, password hidden).
             OSError: the address cannot be bound (for example, the port is in use).
             RuntimeError: this server is already running.
         """
@@ -53,11 +54,15 @@ class NativeServer:
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the real port when port 0 was asked for."""
 
+    @property
+    def broker(self) -> str:
+        """How this node reaches the others: ``"memory"`` (alone) or ``"redis (<url>, prefix <p>, node <id>)"``."""
+
     def push(self, channel: str, payload: bytes, exclude: str | None = None) -> int:
-        """Deliver ``payload`` (JSON bytes) to the channel's subscribers on this node, except socket ``exclude``.
+        """Deliver ``payload`` (JSON bytes) to the channel's subscribers on every node, except socket ``exclude``.
 
         Returns:
-            How many subscribers it was queued for.
+            How many subscribers on this node it was queued for (other nodes get it through Redis, uncounted).
 
         Raises:
             ValueError: invalid channel name, or the payload is not JSON.
@@ -69,7 +74,7 @@ class NativeServer:
         """The JWT algorithms the core accepts: the configured ones whose key family is configured."""
 
     def push_to_user(self, user_id: str, payload: bytes) -> int:
-        """Deliver ``payload`` (JSON bytes) to every connection of a user; returns how many it was queued for.
+        """Deliver ``payload`` (JSON bytes) to a user's connections on every node; returns how many on this node.
 
         Raises:
             ValueError: the payload is not JSON.
@@ -77,16 +82,70 @@ class NativeServer:
         """
 
     def presence(self, channel: str) -> list[Member]:
-        """The members of a presence channel in arrival order (empty when nobody is there)."""
+        """The members of a presence channel in arrival order (empty when nobody is there), cluster-wide.
+
+        Raises:
+            ConnectionError: the node's Redis is unreachable.
+        """
 
     def connection_count(self) -> int:
-        """Open WebSocket connections."""
+        """Open WebSocket connections on this node."""
 
     def channels(self) -> list[ChannelInfo]:
-        """Every channel with at least one subscriber, sorted by name (``members`` on presence channels)."""
+        """Every channel with a subscriber on some node, sorted by name (``members`` on presence channels).
+
+        Raises:
+            ConnectionError: the node's Redis is unreachable.
+        """
 
     def channel_stats(self, name: str) -> ChannelInfo:
-        """One channel; a channel nobody is subscribed to reports 0 subscribers."""
+        """One channel, cluster-wide; a channel nobody is subscribed to reports 0 subscribers.
+
+        Raises:
+            ConnectionError: the node's Redis is unreachable.
+        """
+
+@final
+class RedisPublisher:
+    """Publishes into a fastws cluster's Redis exactly what its nodes publish, from a process with no server.
+
+    Blocking calls on one connection, opened on first use and reopened once when it fails. ``fastws.Client``
+    wraps it.
+
+    Args:
+        url: The cluster's Redis, as the nodes' ``redis_url``.
+        prefix: The nodes' ``redis_prefix``.
+
+    Raises:
+        ValueError: the URL or the prefix is malformed.
+    """
+
+    def __new__(cls, url: str, prefix: str = "fastws") -> Self: ...
+    def push(self, channel: str, payload: bytes, exclude: str | None = None) -> int:
+        """Publish ``payload`` (JSON bytes) to a channel.
+
+        Returns:
+            The number of nodes that received it (those with a subscriber on the channel).
+
+        Raises:
+            ValueError: invalid channel name, or the payload is not JSON.
+            ConnectionError: Redis can't be reached or refused the request.
+        """
+
+    def push_to_user(self, user_id: str, payload: bytes) -> int:
+        """Publish ``payload`` (JSON bytes) to a user's connections; returns the number of nodes that received it."""
+
+    def presence(self, channel: str) -> list[Member]:
+        """The members of a presence channel across the cluster, in arrival order."""
+
+    def channel_stats(self, name: str) -> ChannelInfo:
+        """One channel's cluster-wide counts."""
+
+    def channels(self) -> list[ChannelInfo]:
+        """Every channel with a subscriber on some node, sorted by name."""
+
+    def nodes(self) -> dict[str, Any]:
+        """``{"connections": total, "nodes": [{"id", "address", "connections"}]}`` of the live nodes."""
 
 def next_log_record(timeout: float) -> tuple[int, str] | None:
     """The core's next log record as ``(logging level, message)``, or None after ``timeout`` seconds.

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import orjson
 
@@ -24,6 +24,9 @@ from fastws._hooks import AuthenticateHook, AuthorizeHook, ConnectHook, Disconne
 from fastws.config import Settings, check_keyword_names, describe_mode, resolve_settings
 from fastws.errors import AlreadyRunning, ConfigError, NotRunning
 from fastws.types import ChannelInfo, Member
+
+if TYPE_CHECKING:
+    from fastws.client import Client
 
 __all__ = ["ChannelTarget", "Server", "UserTarget", "current_server"]
 
@@ -133,7 +136,8 @@ class Server:
         Raises:
             AlreadyRunning: a server already runs in this process.
             ConfigError: a setting from the file, environment or command line is invalid.
-            OSError: the address cannot be bound.
+            OSError: the address cannot be bound; ConnectionError (an OSError) when ``redis_url`` is set and
+                Redis can't be reached.
         """
         self._start(self.resolve_settings(config_path=config_path, cli=cli))
 
@@ -166,11 +170,12 @@ class Server:
                 _core_logs_forwarded = True
         host, port = native.address
         logger.info(
-            "fastws listening on ws://%s:%d (%s; %s; broker: memory; %d workers)%s",
+            "fastws listening on ws://%s:%d (%s; %s; broker: %s; %d workers)%s",
             host,
             port,
             describe_mode(settings, has_auth_hook=self._authenticate is not None, accepted=native.jwt_algorithms),
             _origins_rule(settings),
+            native.broker,
             settings.workers,
             f"; demo page at http://{host}:{port}/" if settings.demo else "",
         )
@@ -367,7 +372,8 @@ class Server:
             exclude: A ``socket_id`` not to deliver to (the sender, in the "to others" case).
 
         Returns:
-            The number of subscribers on this node it was queued for.
+            The number of subscribers on this node it was queued for. With ``redis_url`` the other nodes deliver
+            it too (through Redis, without waiting); they are not counted.
 
         Raises:
             ValueError: invalid channel name, or bytes that are not JSON.
@@ -385,50 +391,61 @@ class Server:
         return UserTarget(self, str(user_id))
 
     def push_to_user(self, user_id: int | str, payload: Any) -> int:
-        """Send ``payload`` to every connection of a user, whatever channels they are on.
+        """Send ``payload`` to every connection of a user, whatever channels they are on, on every node.
 
-        Delivered like a channel push without ``"channel"``. Returns how many connections it was queued for.
+        Delivered like a channel push without ``"channel"``. Returns how many connections on this node it was
+        queued for.
         """
         return self._require().push_to_user(str(user_id), encode_payload(payload))
 
     def presence(self, channel: str) -> list[Member]:
-        """The members of a presence channel: ``[{"id", "info", "connected_at"}]``, in arrival order."""
+        """The members of a presence channel: ``[{"id", "info", "connected_at"}]``, in arrival order.
+
+        With ``redis_url``, the whole cluster's members (``ConnectionError`` while Redis is unreachable).
+        """
         return self._require().presence(channel)
 
     def connection_count(self) -> int:
-        """Open WebSocket connections."""
+        """Open WebSocket connections on this node."""
         return self._require().connection_count()
 
     def channels(self) -> list[ChannelInfo]:
         """Every channel with at least one subscriber: ``[{"name", "subscribers", "type"}]``, sorted by name.
 
-        Presence channels also have ``"members"`` (distinct users).
+        Presence channels also have ``"members"`` (distinct users). With ``redis_url`` the counts are the whole
+        cluster's (``ConnectionError`` while Redis is unreachable).
         """
         return self._require().channels()
 
     def channel_stats(self, name: str) -> ChannelInfo:
         """``{"name", "subscribers", "type"}`` of one channel (0 subscribers when nobody is subscribed).
 
-        Presence channels also have ``"members"`` (distinct users).
+        Presence channels also have ``"members"`` (distinct users). With ``redis_url``, cluster-wide.
         """
         return self._require().channel_stats(name)
+
+
+def _target() -> Server | Client:
+    from fastws.client import current_target
+
+    return current_target()
 
 
 class ChannelTarget:
     """What ``to_channel(name)`` returns."""
 
-    def __init__(self, server: Server | None, name: str) -> None:
+    def __init__(self, server: Server | Client | None, name: str) -> None:
         self._server, self.name = server, name
 
     def push(self, payload: Any, *, exclude: str | None = None) -> int:
         """Same as ``push(name, payload, exclude=...)``."""
-        return (self._server or current_server()).push(self.name, payload, exclude=exclude)
+        return (self._server or _target()).push(self.name, payload, exclude=exclude)
 
 
 class UserTarget:
     """What ``to_user(user_id)`` returns."""
 
-    def __init__(self, server: Server | None, user_id: str) -> None:
+    def __init__(self, server: Server | Client | None, user_id: str) -> None:
         self._server, self.user_id = server, user_id
 
     def push(self, payload: Any) -> int:
@@ -436,7 +453,7 @@ class UserTarget:
 
         Connections get a user through authentication (JWT or an authenticate hook); in open mode none has one.
         """
-        return (self._server or current_server()).push_to_user(self.user_id, payload)
+        return (self._server or _target()).push_to_user(self.user_id, payload)
 
 
 async def _as_coroutine(awaitable: Awaitable[None]) -> None:

@@ -1,6 +1,6 @@
 """The ``fastws`` command line: ``fastws serve [APP]`` runs a server, ``fastws token`` signs a development JWT,
-``fastws stats`` and ``fastws push`` talk to a running server over its HTTP endpoints, ``fastws version`` prints
-the version.
+``fastws stats`` and ``fastws push`` talk to a running server over its HTTP endpoints (``fastws push --redis``
+publishes straight into a cluster's Redis instead), ``fastws version`` prints the version.
 
 ``serve`` has one option per setting, generated from :data:`fastws.config.SETTINGS`. Options default to None
 so that only the flags actually given reach :func:`fastws.config.resolve_settings`, which layers them over
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from fastws._http import DEFAULT_URL, OpsError, normalize_url, request_json
 from fastws.config import SETTINGS, SettingSpec, validate_sources
@@ -49,7 +50,8 @@ def _setting_option(spec: SettingSpec) -> Callable[[F], F]:
     metavar = "[" + "|".join(spec.choices) + "]" if spec.choices else _METAVARS[spec.kind]
     # Values stay text: resolve_settings parses them, so `--port abc` gets the same one-line error as
     # FASTWS_PORT=abc rather than click's usage message.
-    return click.option(spec.flag, spec.name, type=str, default=None, metavar=metavar, help=help_text)
+    flags = (spec.flag, *spec.aliases)
+    return click.option(*flags, spec.name, type=str, default=None, metavar=metavar, help=help_text)
 
 
 def _setting_options(command: F) -> F:
@@ -254,6 +256,7 @@ def format_stats(stats: Mapping[str, Any], limit: int = 0) -> str:
     lines = ["WebSocket Server Statistics", ""]
     lines += [f"{label:<{label_width}} {value}" for label, value in totals]
     lines.append("")
+    lines += _format_nodes(stats)
     if not channels:
         lines.append("Active Channels: none")
         return "\n".join(lines)
@@ -274,6 +277,27 @@ def format_stats(stats: Mapping[str, Any], limit: int = 0) -> str:
     if len(shown) < len(channels):
         lines.append(f"  ... and {len(channels) - len(shown):,} more (--limit 0 shows all)")
     return "\n".join(lines)
+
+
+def _format_nodes(stats: Mapping[str, Any]) -> list[str]:
+    """The ``Nodes:`` section of a cluster's report (nothing for a single node)."""
+    nodes: list[Mapping[str, Any]] = [n for n in stats.get("nodes", []) or [] if isinstance(n, Mapping)]
+    if stats.get("broker") != "redis" and len(nodes) < 2:
+        return []
+    lines = [f"Nodes: {len(nodes)}"]
+    if nodes:
+        ids = [str(node.get("id", "?")) for node in nodes]
+        addresses = [str(node.get("address", "")) for node in nodes]
+        counts = [f"{int(node.get('connections', 0)):,}" for node in nodes]
+        id_width, address_width = max(map(len, ids)), max(map(len, addresses))
+        count_width = max(map(len, counts))
+        for node_id, address, count in zip(ids, addresses, counts):
+            noun = "connection" if count == "1" else "connections"
+            lines.append(f"  {node_id:<{id_width}}  {address:<{address_width}}  {count:>{count_width}} {noun}")
+    if stats.get("broker_error"):
+        lines.append(f"  (Redis unreachable, this node's figures only: {stats['broker_error']})")
+    lines.append("")
+    return lines
 
 
 def _pause(seconds: float) -> None:
@@ -356,6 +380,15 @@ def _refuse_constant(name: str) -> Any:
 
 def _publish_body(target: str, payload: str | None, user_id: str | None, exclude: str | None) -> bytes:
     """The POST /api/publish body for `fastws push`'s arguments; a usage error exits 2."""
+    fields, text = _publish_request(target, payload, user_id, exclude)
+    # The payload goes through as typed, not re-encoded: numbers and key order stay exactly the user's.
+    return (json.dumps(fields)[:-1] + ', "payload": ' + text + "}").encode("utf-8")
+
+
+def _publish_request(
+    target: str, payload: str | None, user_id: str | None, exclude: str | None
+) -> tuple[dict[str, str], str]:
+    """`fastws push`'s arguments as ({"channel"|"user", "exclude"?}, checked JSON payload text); errors exit 2."""
     fields: dict[str, str] = {}
     if user_id is not None:
         if payload is not None:
@@ -375,11 +408,11 @@ def _publish_body(target: str, payload: str | None, user_id: str | None, exclude
         text = sys.stdin.read()
     try:
         json.loads(text, parse_constant=_refuse_constant)
-        # The payload goes through as typed, not re-encoded: numbers and key order stay exactly the user's.
-        return (json.dumps(fields)[:-1] + ', "payload": ' + text.strip() + "}").encode("utf-8")
+        text.encode("utf-8")
     except ValueError as exc:  # UnicodeEncodeError included: bytes that were not UTF-8 in the arguments
         click.echo(f"fastws: error: the payload is not valid JSON: {exc}", err=True)
         sys.exit(2)
+    return fields, text.strip()
 
 
 @main.command()
@@ -390,6 +423,23 @@ def _publish_body(target: str, payload: str | None, user_id: str | None, exclude
 @click.option("--user", "user_id", metavar="ID", default=None, help="Push to this user's connections, not a channel.")
 @click.option("--exclude", metavar="SOCKET_ID", default=None, help="Leave out this connection (a channel push only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON answer instead of a sentence.")
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    envvar="FASTWS_REDIS_URL",
+    default=None,
+    help="Publish straight into the cluster's Redis (the nodes' redis_url) instead of a node's HTTP API. "
+    "[env: FASTWS_REDIS_URL]",
+)
+@click.option(
+    "--redis-prefix",
+    metavar="PREFIX",
+    envvar="FASTWS_REDIS_PREFIX",
+    default="fastws",
+    show_default=True,
+    help="The nodes' redis_prefix. [env: FASTWS_REDIS_PREFIX]",
+)
 def push(
     target: str,
     payload: str | None,
@@ -398,16 +448,28 @@ def push(
     user_id: str | None,
     exclude: str | None,
     as_json: bool,
+    redis_url: str | None,
+    redis_prefix: str,
 ) -> None:
     """Publish JSON to a channel of a running server, or push it to a user's connections.
 
     \b
       fastws push chat.room.1 '{"event": "new-message", "data": {"text": "hi"}}'
       fastws push --user 123 '{"event": "notification", "data": {"unread": 3}}'
+      fastws push --redis redis://localhost:6379/0 chat.room.1 '{"text": "hi"}'
 
     JSON is the payload text; `-` reads it from stdin. It is delivered as the fastws.push() payload would be.
-    Uses POST /api/publish, which answers clients on the server's machine, or anyone sending the api_key.
+    With --redis (or FASTWS_REDIS_URL, unless --url is given) it is published into the cluster's Redis and
+    reaches every node; the count printed is of nodes. Otherwise it uses POST /api/publish, which answers clients
+    on the server's machine, or anyone sending the api_key; the count is of that node's connections.
     """
+    context = click.get_current_context()
+    from_command_line = ParameterSource.COMMANDLINE
+    url_given = context.get_parameter_source("url") == from_command_line
+    redis_given = context.get_parameter_source("redis_url") == from_command_line
+    if redis_url and (redis_given or not url_given):
+        _push_through_redis(redis_url, redis_prefix, _publish_request(target, payload, user_id, exclude), as_json)
+        return
     body = _publish_body(target, payload, user_id, exclude)
     base_url = _base_url(url)
     try:
@@ -421,3 +483,27 @@ def push(
     if not isinstance(delivered, int):
         _fail(OpsError(f"{base_url}/api/publish answered {json.dumps(answer)[:200]}, not a delivery count"))
     click.echo(f"delivered to {_count(delivered, 'connection')}")
+
+
+def _push_through_redis(redis_url: str, prefix: str, request: tuple[dict[str, str], str], as_json: bool) -> None:
+    """`fastws push --redis`: publish with the native publisher; prints the number of nodes reached."""
+    fields, text = request
+    from fastws.client import Client  # loads the native core, which only this route needs
+
+    try:
+        client = Client(redis_url=redis_url, redis_prefix=prefix)
+        data = text.encode("utf-8")
+        if "user" in fields:
+            nodes = client.push_to_user(fields["user"], data)
+        else:
+            nodes = client.push(fields["channel"], data, exclude=fields.get("exclude"))
+    except ValueError as exc:
+        click.echo(f"fastws: error: {exc}", err=True)
+        sys.exit(2)
+    except ConnectionError as exc:
+        click.echo(f"fastws: error: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps({"nodes": nodes}, separators=(",", ":")))
+    else:
+        click.echo(f"published to {_count(nodes, 'node')}")

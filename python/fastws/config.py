@@ -102,6 +102,7 @@ class SettingSpec:
     check: Check | None = None
     secret: bool = False  # never echoed in error messages
     default_text: str | None = None  # shown instead of the default when that depends on the machine
+    aliases: tuple[str, ...] = ()  # extra command-line flags, e.g. --redis for --redis-url
 
     @property
     def env_var(self) -> str:
@@ -275,12 +276,24 @@ SETTINGS: dict[str, SettingSpec] = {
             check=_at_least(1024),
         ),
         SettingSpec(
-            "redis_url", "str", None, "Redis URL joining several nodes into a cluster.", nullable=True, check=_redis_url
+            "redis_url",
+            "str",
+            None,
+            "Redis URL joining the nodes that share it into one cluster (docs/scaling.md).",
+            nullable=True,
+            check=_redis_url,
+            aliases=("--redis",),
         ),
         SettingSpec(
-            "redis_prefix", "str", "fastws", "Prefix of fastws keys and channels in Redis.", check=_redis_prefix
+            "redis_prefix", "str", "fastws", "Prefix of every fastws key and channel in Redis.", check=_redis_prefix
         ),
-        SettingSpec("node_ttl", "float", 15.0, "Seconds before a silent node counts as gone.", check=_positive),
+        SettingSpec(
+            "node_ttl",
+            "float",
+            15.0,
+            "Seconds before a node that stopped refreshing its Redis key counts as gone (its members are removed).",
+            check=_positive,
+        ),
         SettingSpec("demo", "bool", False, "Serve the built-in demo page."),
         SettingSpec("log_level", "str", "info", "Log level.", choices=("debug", "info", "warning", "error")),
         SettingSpec("log_format", "str", "text", "Log format.", choices=("text", "json")),

@@ -3,4 +3,5 @@
 
 pub mod callbacks;
 pub mod logging;
+pub mod publisher;
 pub mod server;

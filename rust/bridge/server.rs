@@ -1,21 +1,24 @@
 //! `fastws._fastws.NativeServer`: the running server as Python sees it (start, stop, push, stats).
 //!
 //! Python's `fastws.Server` (app.py) wraps this class; the stub in `_fastws.pyi` documents it. Each call that can
-//! take time (stop joins the runtime thread; push walks subscriber lists) releases the GIL first.
+//! take time (stop joins the runtime thread; push walks subscriber lists; cluster reads wait for Redis) releases
+//! the GIL first.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::conversion::FromPyObjectOwned;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::auth::{Hooks, JwtSettings, JwtVerifier, OriginRule};
 use crate::bridge::callbacks::PyHooks;
+use crate::broker::redis::RedisSettings;
+use crate::broker::BrokerError;
 use crate::config::{seconds, ChannelPatterns, ServerConfig};
-use crate::hub::{ChannelInfo, ChannelKind, Hub};
+use crate::hub::{ChannelInfo, Hub};
 use crate::protocol::{self, Origin};
-use crate::server::RunningServer;
+use crate::server::{RunningServer, StartError};
 
 #[pyclass(name = "NativeServer", module = "fastws._fastws", frozen)]
 pub struct PyServer {
@@ -41,6 +44,21 @@ impl PyServer {
             .as_ref()
             .map(|server| Arc::clone(server.hub()))
             .ok_or_else(|| PyRuntimeError::new_err("the server is not running"))
+    }
+
+    /// Run a cluster read on the server's runtime with the GIL released (a single node answers at once).
+    fn read<T, F, R>(&self, py: Python<'_>, read: R) -> PyResult<T>
+    where
+        T: Send,
+        F: std::future::Future<Output = Result<T, BrokerError>> + Send,
+        R: FnOnce(Arc<Hub>) -> F + Send,
+    {
+        let (hub, runtime) = {
+            let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            let server = running.as_ref().ok_or_else(|| PyRuntimeError::new_err("the server is not running"))?;
+            (Arc::clone(server.hub()), server.runtime())
+        };
+        py.detach(|| runtime.block_on(read(hub))).map_err(|error| PyConnectionError::new_err(error.to_string()))
     }
 }
 
@@ -127,19 +145,30 @@ impl PyServer {
         if hooks.has_authenticate() || hooks.has_authorize() || hooks.has_lifecycle() {
             config.auth.hooks = Some(Arc::new(hooks));
         }
+        if let Some(url) = setting::<String>(settings, "redis_url")? {
+            config.redis = Some(RedisSettings {
+                url,
+                prefix: setting(settings, "redis_prefix")?.unwrap_or_else(|| "fastws".to_owned()),
+                node_ttl: seconds(setting(settings, "node_ttl")?.unwrap_or(15.0)),
+            });
+        }
         crate::bridge::logging::configure(&setting::<String>(settings, "log_level")?.unwrap_or_default());
         Ok(PyServer { config, running: Mutex::new(None) })
     }
 
-    /// Bind and start serving in background threads. Raises OSError when the address cannot be bound.
+    /// Bind and start serving in background threads. Raises OSError when the address cannot be bound, and
+    /// ConnectionError when `redis_url` is set and Redis can't be reached.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if running.is_some() {
             return Err(PyRuntimeError::new_err("this server is already running"));
         }
         let config = self.config.clone();
-        let server = py.detach(|| RunningServer::start(config)).map_err(|e| {
-            PyOSError::new_err(format!("cannot listen on {}:{}: {e}", self.config.host, self.config.port))
+        let server = py.detach(|| RunningServer::start(config)).map_err(|e| match e {
+            StartError::Broker(message) => PyConnectionError::new_err(message),
+            StartError::Io(e) => {
+                PyOSError::new_err(format!("cannot listen on {}:{}: {e}", self.config.host, self.config.port))
+            }
         })?;
         *running = Some(server);
         Ok(())
@@ -164,6 +193,12 @@ impl PyServer {
         self.running.lock().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 
+    /// How this node reaches the others: `memory` (alone) or `redis (<url>, prefix <p>, node <id>)`.
+    #[getter]
+    fn broker(&self) -> PyResult<String> {
+        Ok(self.hub()?.broker().describe())
+    }
+
     /// The bound (host, port); the port is the real one when 0 was asked for.
     #[getter]
     fn address(&self) -> PyResult<(String, u16)> {
@@ -173,7 +208,8 @@ impl PyServer {
         Ok((addr.ip().to_string(), addr.port()))
     }
 
-    /// Deliver `payload` (JSON bytes) to the channel's local subscribers; returns how many it was queued for.
+    /// Deliver `payload` (JSON bytes) to the channel's subscribers on every node; returns how many on this node it
+    /// was queued for.
     #[pyo3(signature = (channel, payload, exclude = None))]
     fn push(&self, py: Python<'_>, channel: &str, payload: &[u8], exclude: Option<&str>) -> PyResult<usize> {
         protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
@@ -182,18 +218,18 @@ impl PyServer {
         let hub = self.hub()?;
         let frame = protocol::encode_publication(channel, payload, Origin::Server)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let exclude = exclude.and_then(|socket_id| hub.conn_id_of(socket_id));
-        Ok(py.detach(|| hub.publish(channel, &frame, exclude)))
+        Ok(py.detach(|| hub.broadcast(channel, &frame, exclude)))
     }
 
     fn connection_count(&self) -> PyResult<usize> {
         Ok(self.hub()?.connection_count())
     }
 
-    /// Every channel with local subscribers: `[{"name", "type", "subscribers"}]`, sorted by name.
+    /// Every channel with subscribers on some node: `[{"name", "type", "subscribers"}]`, sorted by name.
     fn channels<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let stats = self.read(py, |hub| async move { hub.broker().stats(&hub).await })?;
         let list = PyList::empty(py);
-        for info in self.hub()?.channels() {
+        for info in stats.channels {
             list.append(channel_dict(py, &info)?)?;
         }
         Ok(list)
@@ -202,39 +238,36 @@ impl PyServer {
     /// `{"name", "subscribers", "type"}` for one channel; a channel nobody is subscribed to has 0 subscribers.
     fn channel_stats<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyDict>> {
         protocol::validate_channel_name(name).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let info = self.hub()?.channel_info(name).unwrap_or_else(|| {
-            let kind = ChannelKind::of(name);
-            ChannelInfo {
-                name: name.to_owned(),
-                kind,
-                subscribers: 0,
-                members: (kind == ChannelKind::Presence).then_some(0),
-            }
-        });
+        let info = self.read(py, |hub| async move { hub.broker().channel_info(&hub, name).await })?;
         channel_dict(py, &info)
     }
 
-    /// Deliver `payload` (JSON bytes) to every connection of a user; returns how many it was queued for.
+    /// Deliver `payload` (JSON bytes) to every connection of a user on every node; returns how many on this node
+    /// it was queued for.
     fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &[u8]) -> PyResult<usize> {
         let payload = std::str::from_utf8(payload)
             .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
         let hub = self.hub()?;
         let frame = protocol::encode_user_push(payload).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(py.detach(|| hub.push_to_user(user_id, &frame)))
+        Ok(py.detach(|| hub.broadcast_to_user(user_id, &frame)))
     }
 
     /// The members of a presence channel: `[{"id", "info", "connected_at"}]` in arrival order.
     fn presence<'py>(&self, py: Python<'py>, channel: &str) -> PyResult<Bound<'py, PyList>> {
         protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let members = self.hub()?.presence(channel);
-        let json = serde_json::Value::Array(members.iter().map(|m| m.to_json(true)).collect()).to_string();
-        // One json.loads turns the snapshot into Python objects, rather than a walk over serde values here.
-        let loads = py.import("json")?.getattr("loads")?;
-        loads.call1((json,))?.cast_into::<PyList>().map_err(Into::into)
+        let members = self.read(py, |hub| async move { hub.broker().presence(&hub, channel).await })?;
+        json_list(py, members)
     }
 }
 
-fn channel_dict<'py>(py: Python<'py>, info: &ChannelInfo) -> PyResult<Bound<'py, PyDict>> {
+/// A list of JSON values as Python objects: one json.loads, rather than a walk over serde values here.
+pub(crate) fn json_list(py: Python<'_>, values: Vec<serde_json::Value>) -> PyResult<Bound<'_, PyList>> {
+    let json = serde_json::Value::Array(values).to_string();
+    let loads = py.import("json")?.getattr("loads")?;
+    loads.call1((json,))?.cast_into::<PyList>().map_err(Into::into)
+}
+
+pub(crate) fn channel_dict<'py>(py: Python<'py>, info: &ChannelInfo) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("name", &info.name)?;
     dict.set_item("subscribers", info.subscribers)?;

@@ -24,7 +24,7 @@ use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
 use crate::error::{CloseCode, ErrorCode};
 use crate::handshake::ConnectRequest;
-use crate::hub::{ChannelKind, Hub, MemberJoin};
+use crate::hub::{ChannelKind, Hub, Joining, MemberJoin};
 use crate::protocol::{self, Command, Origin, Refusal, Reply};
 use outbox::{ConnId, Outbox, OutboxReceiver, Outgoing};
 use rate::{RateLimiter, Verdict};
@@ -38,6 +38,7 @@ const DEMO_PRESENCE_PREFIX: &str = "presence-demo.";
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How a connection ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum End {
     /// The server closes with this code.
     Close(CloseCode),
@@ -73,7 +74,6 @@ pub async fn run<S>(
     let id = hub.new_conn_id();
     let socket_id = hub.socket_id(id);
     let (outbox, mut rx) = Outbox::new(id, config.send_queue_bytes);
-    let outbox = Arc::new(outbox);
     if let Some(user) = &user {
         hub.add_user_connection(&user.id, &outbox);
     }
@@ -100,10 +100,30 @@ pub async fn run<S>(
 
     let end = session.serve(&mut ws, &mut rx, &shutdown).await;
     session.leave_all();
-    if let End::Close(code) = end {
-        if code == CloseCode::SlowConsumer {
-            session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+    if end == End::Close(CloseCode::SlowConsumer) {
+        session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    // Boxed like the write path: the closing handshake's futures are needed once, not for the task's lifetime.
+    Box::pin(finish(&mut ws, &end)).await;
+    if let Some(hooks) = hooks {
+        let disconnected = hooks.disconnected(&socket_id, end.code());
+        tokio::spawn(async move {
+            if let Some(connected) = connected {
+                let _ = connected.await;
+            }
+            if let Err(error) = disconnected.await {
+                log::warn!("on_disconnect failed for {socket_id}: {error}");
+            }
+        });
+    }
+}
+
+/// End the WebSocket: send our close frame and wait briefly for the client's, or flush the reply to theirs.
+async fn finish<S>(ws: &mut WebSocketStream<S>, end: &End)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let End::Close(code) = *end {
         let frame =
             CloseFrame { code: WireCloseCode::from(code as u16), reason: Utf8Bytes::from_static(code.reason()) };
         // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
@@ -116,18 +136,7 @@ pub async fn run<S>(
     } else {
         // The client closed (or the socket failed): flush tungstenite's automatic close reply. Not `ws.close()`:
         // that sends a new Close message, which tungstenite refuses once the peer has closed (SendAfterClosing).
-        let _ = timeout(CLOSE_GRACE, SinkExt::flush(&mut ws)).await;
-    }
-    if let Some(hooks) = hooks {
-        let disconnected = hooks.disconnected(&socket_id, end.code());
-        tokio::spawn(async move {
-            if let Some(connected) = connected {
-                let _ = connected.await;
-            }
-            if let Err(error) = disconnected.await {
-                log::warn!("on_disconnect failed for {socket_id}: {error}");
-            }
-        });
+        let _ = timeout(CLOSE_GRACE, SinkExt::flush(ws)).await;
     }
 }
 
@@ -142,7 +151,8 @@ struct Session {
     user: Option<Arc<User>>,
     /// Channels this connection is subscribed to; a short Vec beats a set at `max_channels_per_connection` ≈ 100.
     subscriptions: Vec<Box<str>>,
-    /// Channels whose authorize hook has not answered yet (an unsubscribe meanwhile removes them).
+    /// Channels whose authorize hook has not answered yet, or (in a cluster) that the broker has not confirmed
+    /// yet: the hub holds those. An unsubscribe meanwhile removes them.
     pending: Vec<Box<str>>,
     /// The authorize hooks in flight. They run off the connection task, which keeps serving meanwhile.
     authorizations: FuturesUnordered<AuthorizationFuture>,
@@ -150,8 +160,15 @@ struct Session {
     config: Arc<ServerConfig>,
 }
 
-type AuthorizationFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (Box<str>, AuthorizationResult)> + Send>>;
+type AuthorizationFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (Box<str>, Settled)> + Send>>;
 type AuthorizationResult = Result<Authorization, String>;
+
+/// What a pending subscription waited for: the authorize hook's decision, or the cluster's confirmation (an
+/// error when the hub let the subscriber go unconfirmed).
+enum Settled {
+    Authorization(AuthorizationResult),
+    Joined(Result<(), tokio::sync::oneshot::error::RecvError>),
+}
 
 /// Why a socket write stopped.
 enum WriteStop {
@@ -186,7 +203,8 @@ impl Session {
                     // The session holds the sender, so the queue cannot close while it runs.
                     let Some(frame) = frame else { return End::Dropped };
                     let stall_limit = self.config.idle_timeout;
-                    if let Err(stop) = write_batch(ws, rx, frame, &self.outbox, &self.hub, stall_limit, shutdown).await {
+                    // Boxed: the write future is large and lives only while writing, so an idle task stays small.
+                    if let Err(stop) = Box::pin(write_batch(ws, rx, frame, &self.outbox, &self.hub, stall_limit, shutdown)).await {
                         return match stop { WriteStop::Failed => End::Dropped, WriteStop::Close(code) => End::Close(code) };
                     }
                 }
@@ -274,11 +292,11 @@ impl Session {
         if self.is_subscribed(channel) {
             // Idempotent: the hub queues the reply again (with the members, on a presence channel).
             let member = self.member_join(kind, serde_json::Map::new());
-            self.hub.subscribe(channel, &self.outbox, member);
+            self.hub.join(channel, &self.outbox, member);
             return;
         }
         if self.pending.iter().any(|c| &**c == channel) {
-            return; // the reply comes when the authorize hook answers
+            return; // the reply comes when the authorize hook (or the cluster) answers
         }
         let count = self.subscriptions.len() + self.pending.len();
         if count >= self.config.max_channels_per_connection {
@@ -304,21 +322,27 @@ impl Session {
             return self.refuse(&Refusal::new(ErrorCode::Forbidden, Some(channel), why));
         };
         match self.config.auth.authorize_now(&user.id, channel) {
-            Some(decision) => self.authorized(channel, Ok(decision)),
+            Some(decision) => self.authorized(channel, Settled::Authorization(Ok(decision))),
             None => {
                 self.pending.push(channel.into());
                 let auth = self.config.auth.clone();
                 let channel: Box<str> = channel.into();
                 self.authorizations.push(Box::pin(async move {
                     let decision = auth.authorize(&user, &channel).await;
-                    (channel, decision)
+                    (channel, Settled::Authorization(decision))
                 }));
             }
         }
     }
 
-    /// Apply an authorize decision for a `private-`/`presence-` subscription.
-    fn authorized(&mut self, channel: &str, decision: AuthorizationResult) {
+    /// Settle a pending subscription: apply an authorize decision for a `private-`/`presence-` channel, or
+    /// record the cluster's confirmation (the hub has queued `subscribed` already).
+    fn authorized(&mut self, channel: &str, outcome: Settled) {
+        let decision = match outcome {
+            Settled::Authorization(decision) => decision,
+            Settled::Joined(Ok(())) => return self.subscriptions.push(channel.into()),
+            Settled::Joined(Err(_)) => return, // let go unconfirmed: nothing was sent
+        };
         let info = match decision {
             Ok(Authorization::Allowed) => None,
             Ok(Authorization::AllowedWithInfo(info)) => Some(info),
@@ -349,10 +373,17 @@ impl Session {
         Some(MemberJoin { user_id: Arc::clone(&user.id), info })
     }
 
-    /// Join the hub; it queues `subscribed` under its lock, so no publication can overtake the reply.
+    /// Join the hub; it queues `subscribed` under its lock, so no publication can overtake the reply. In a
+    /// cluster it may hold the subscriber until the broker confirms the channel; it is pending until then.
     fn join(&mut self, channel: &str, member: Option<MemberJoin>) {
-        self.hub.subscribe(channel, &self.outbox, member);
-        self.subscriptions.push(channel.into());
+        match self.hub.join(channel, &self.outbox, member) {
+            Joining::Done => self.subscriptions.push(channel.into()),
+            Joining::Waiting(released) => {
+                self.pending.push(channel.into());
+                let channel: Box<str> = channel.into();
+                self.authorizations.push(Box::pin(async move { (channel, Settled::Joined(released.await)) }));
+            }
+        }
     }
 
     fn unsubscribe(&mut self, channel: &str) {
@@ -361,6 +392,7 @@ impl Session {
         }
         if let Some(index) = self.pending.iter().position(|c| &**c == channel) {
             self.pending.swap_remove(index);
+            self.hub.unsubscribe(channel, self.id); // the hub may be holding it for the cluster
         }
         if let Some(index) = self.subscriptions.iter().position(|c| &**c == channel) {
             self.subscriptions.swap_remove(index);
@@ -390,7 +422,7 @@ impl Session {
         }
         match protocol::encode_publication(channel, payload, Origin::Client) {
             Ok(frame) => {
-                self.hub.publish(channel, &frame, Some(self.id));
+                self.hub.broadcast(channel, &frame, Some(&self.socket_id));
             }
             Err(error) => self.refuse(&Refusal::new(ErrorCode::Malformed, Some(channel), error.to_string())),
         }
@@ -409,7 +441,7 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        for channel in self.subscriptions.drain(..) {
+        for channel in self.subscriptions.drain(..).chain(self.pending.drain(..)) {
             self.hub.unsubscribe(&channel, self.id);
         }
     }

@@ -5,10 +5,11 @@
 //! passes it, is marked slow and is closed with 4100, so it never delays the others and never grows memory
 //! without limit (the slow-consumer rule of centrifuge's writer.go).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tungstenite::Utf8Bytes;
 
 use crate::stats::PublishTimer;
@@ -22,33 +23,43 @@ pub struct Outgoing {
 /// Connection id, unique within this process. The socket_id clients see is `"<node>.<ConnId>"`.
 pub type ConnId = u64;
 
+/// A queue that holds no memory while empty, unlike tokio's mpsc (which allocates a 32-slot block per channel,
+/// ~1.4 KB per idle connection). Producers lock it briefly to push; the connection task drains it in batches.
 pub struct Outbox {
     pub id: ConnId,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    queue: Mutex<VecDeque<Outgoing>>,
+    /// Wakes the connection task when frames arrive (a stored permit covers a push before it waits).
+    ready: Notify,
     queued_bytes: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
+    /// Set when the connection task is gone: pushes are refused.
+    closed: AtomicBool,
     /// Wakes the connection task when the queue overflowed, even while it is stuck writing to the socket.
     overflow_signal: Notify,
 }
 
-/// The consumer side, owned by the connection task.
+/// The consumer side, owned by the connection task. Dropping it closes the outbox to new frames.
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    outbox: Arc<Outbox>,
 }
 
+/// Capacity above which a drained queue gives its memory back, so an idle connection after a burst is small.
+const KEEP_CAPACITY: usize = 8;
+
 impl Outbox {
-    pub fn new(id: ConnId, limit: usize) -> (Self, OutboxReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let outbox = Outbox {
+    pub fn new(id: ConnId, limit: usize) -> (Arc<Self>, OutboxReceiver) {
+        let outbox = Arc::new(Outbox {
             id,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
             queued_bytes: AtomicUsize::new(0),
             limit,
             overflowed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             overflow_signal: Notify::new(),
-        };
-        (outbox, OutboxReceiver { rx })
+        });
+        (Arc::clone(&outbox), OutboxReceiver { outbox })
     }
 
     /// Queue a frame. Returns false when it was not queued: the connection is gone or has been marked slow.
@@ -58,7 +69,7 @@ impl Outbox {
 
     /// Queue a frame that may carry a publish latency timer.
     pub fn push_timed(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>) -> bool {
-        if self.overflowed.load(Ordering::Relaxed) {
+        if self.overflowed.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed) {
             return false;
         }
         let len = frame.len();
@@ -69,10 +80,8 @@ impl Outbox {
             }
             return false;
         }
-        if self.tx.send(Outgoing { frame, timer: timer.cloned() }).is_err() {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            return false;
-        }
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(Outgoing { frame, timer: timer.cloned() });
+        self.ready.notify_one();
         true
     }
 
@@ -91,15 +100,38 @@ impl Outbox {
     pub fn written(&self, len: usize) {
         self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
     }
+
+    fn pop(&self) -> Option<Outgoing> {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let item = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
+            queue.shrink_to(0);
+        }
+        item
+    }
 }
 
 impl OutboxReceiver {
+    /// The next frame, waiting for one. Never returns None while the receiver exists; the Option keeps the
+    /// channel-like signature the connection loop uses.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        self.rx.recv().await
+        loop {
+            if let Some(item) = self.outbox.pop() {
+                return Some(item);
+            }
+            self.outbox.ready.notified().await;
+        }
     }
 
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        self.rx.try_recv().ok()
+        self.outbox.pop()
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        self.outbox.closed.store(true, Ordering::Relaxed);
+        self.outbox.queue.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }
 
@@ -110,6 +142,7 @@ mod tests {
     #[tokio::test]
     async fn frames_arrive_in_order_and_the_bound_marks_the_queue_slow() {
         let (outbox, mut rx) = Outbox::new(1, 10);
+        assert_eq!(outbox.queue.lock().unwrap().capacity(), 0, "an empty outbox allocates nothing");
         assert!(outbox.push(Utf8Bytes::from_static("12345")));
         assert!(outbox.push(Utf8Bytes::from_static("67890")));
         assert!(!outbox.is_overflowed());
@@ -121,6 +154,18 @@ mod tests {
         assert!(rx.try_recv().is_none());
         outbox.written(10);
         assert!(!outbox.push(Utf8Bytes::from_static("y")), "a slow connection stays closed to new frames");
+    }
+
+    #[tokio::test]
+    async fn a_closed_receiver_refuses_frames_and_a_drained_queue_shrinks() {
+        let (outbox, mut rx) = Outbox::new(1, 1 << 20);
+        for _ in 0..100 {
+            assert!(outbox.push(Utf8Bytes::from_static("x")));
+        }
+        while rx.try_recv().is_some() {}
+        assert!(outbox.queue.lock().unwrap().capacity() <= KEEP_CAPACITY);
+        drop(rx);
+        assert!(!outbox.push(Utf8Bytes::from_static("x")));
     }
 
     #[tokio::test]

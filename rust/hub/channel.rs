@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
 use tungstenite::Utf8Bytes;
 
 use crate::conn::outbox::{ConnId, Outbox};
@@ -40,15 +41,33 @@ impl ChannelKind {
 pub struct Channel {
     pub kind: ChannelKind,
     pub subscribers: HashMap<ConnId, Arc<Outbox>>,
-    /// Members, on `presence-` channels only.
+    /// Members, on `presence-` channels only. In a cluster: this node's connections, which the broker mirrors.
     pub presence: Option<Presence>,
+    /// Which life of this name the channel is (it is removed when empty): the broker's confirmations name it.
+    pub generation: u64,
+    /// In a cluster, the broker confirmed that publications from other nodes reach this node.
+    pub confirmed: bool,
+    /// Subscribers waiting for the cluster (not delivered to yet); empty on a single node.
+    pub held: HashMap<ConnId, Held>,
+}
+
+/// A subscriber whose `subscribed` waits for the broker: the channel's confirmation, then on a presence
+/// channel the member list.
+pub struct Held {
+    pub outbox: Arc<Outbox>,
+    /// On presence channels: the user id and the `{"id","info"}` JSON the join sends.
+    pub member: Option<(Arc<str>, String)>,
+    /// The presence join went to the broker; the member list is awaited.
+    pub join_sent: bool,
+    /// Completed when the subscriber is released (dropped when it leaves before).
+    pub done: oneshot::Sender<()>,
 }
 
 impl Channel {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, generation: u64) -> Self {
         let kind = ChannelKind::of(name);
         let presence = (kind == ChannelKind::Presence).then(Presence::default);
-        Channel { kind, subscribers: HashMap::new(), presence }
+        Channel { kind, subscribers: HashMap::new(), presence, generation, confirmed: false, held: HashMap::new() }
     }
 
     /// Queue `frame` for every subscriber but `exclude`; returns how many it was queued for.

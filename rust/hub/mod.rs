@@ -3,11 +3,18 @@
 //! A publication arrives already encoded ([`Utf8Bytes`], refcounted) and each subscriber's outbox gets a clone of
 //! the same bytes. The registry is a std `RwLock`: publishes take the read side and only push into non-blocking
 //! queues while holding it, so the lock is never held across an await or a socket write. Empty channels are
-//! removed. The multi-node broker (issue: Redis scale-out) sits in front of `publish`, not inside it.
+//! removed. The broker (rust/broker) sits beside it: [`Hub::broadcast`] delivers locally, then hands the
+//! publication to the broker for the other nodes; what the broker receives comes back through [`Hub::publish`].
 //!
 //! The hub also queues the replies whose order matters: `subscribed` (with the member list on presence
 //! channels) and `member_added`/`member_removed`, under the same write lock as the change they report, so no
 //! publication or presence event can overtake them. It keeps the user → connections index for `to_user`.
+//!
+//! In a cluster ([`Broker::is_clustered`]) a new subscriber is *held*, not delivered to, until the broker
+//! confirms that the channel's publications reach this node ([`Hub::channel_confirmed`]) and, on a presence
+//! channel, sends the cluster's member list ([`Hub::presence_joined`]); presence events then come from the
+//! broker, not from the local member list. If the broker loses the cluster ([`Hub::cluster_down`]) the held
+//! subscribers are released and the node works as a single one until it is back.
 
 pub mod channel;
 
@@ -16,11 +23,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 use tungstenite::Utf8Bytes;
 
-use channel::Channel;
 pub use channel::ChannelKind;
+use channel::{Channel, Held};
 
+use crate::broker::memory::MemoryBroker;
+use crate::broker::Broker;
 use crate::conn::outbox::{ConnId, Outbox};
 use crate::presence::Member;
 use crate::protocol::Reply;
@@ -45,6 +55,35 @@ impl ChannelInfo {
             members: channel.presence.as_ref().map(crate::presence::Presence::len),
         }
     }
+
+    /// A channel nobody is subscribed to.
+    pub fn empty(name: &str) -> Self {
+        let kind = ChannelKind::of(name);
+        ChannelInfo {
+            name: name.to_owned(),
+            kind,
+            subscribers: 0,
+            members: (kind == ChannelKind::Presence).then_some(0),
+        }
+    }
+}
+
+/// What [`Hub::join`] did: subscribed at once, or holding the subscriber until the cluster confirms (the
+/// receiver completes when `subscribed` has been queued; it fails if the subscriber left first).
+pub enum Joining {
+    Done,
+    Waiting(oneshot::Receiver<()>),
+}
+
+/// One local connection on a presence channel: (connection, user id, member `{"id","info"}` JSON).
+pub type PresenceEntry = (ConnId, Arc<str>, String);
+
+/// This node's share of the cluster, for the broker to write into Redis after a reconnection.
+pub struct ClusterSnapshot {
+    /// Per presence channel, its local connections.
+    pub presence: Vec<(String, Vec<PresenceEntry>)>,
+    /// Local subscribers per channel.
+    pub subscribers: Vec<(String, usize)>,
 }
 
 /// Who joins a presence channel: the user id and the info other members will see.
@@ -62,10 +101,18 @@ pub struct Hub {
     /// Distinguishes this process's socket ids from another node's (`"<node>.<conn>"`, Pusher's socket_id shape).
     node_id: u32,
     pub stats: Stats,
+    broker: Arc<dyn Broker>,
+    /// Numbers channel lives, so a confirmation for a removed channel cannot release its successor's subscribers.
+    generations: AtomicU64,
 }
 
 impl Hub {
+    /// A single node's hub.
     pub fn new(node_id: u32) -> Self {
+        Hub::with_broker(node_id, Arc::new(MemoryBroker::default()))
+    }
+
+    pub fn with_broker(node_id: u32, broker: Arc<dyn Broker>) -> Self {
         Hub {
             channels: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
@@ -73,7 +120,17 @@ impl Hub {
             next_conn_id: AtomicU64::new(1),
             node_id,
             stats: Stats::default(),
+            broker,
+            generations: AtomicU64::new(0),
         }
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    pub fn node_id(&self) -> u32 {
+        self.node_id
     }
 
     pub fn new_conn_id(&self) -> ConnId {
@@ -102,41 +159,199 @@ impl Hub {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Add a subscriber and queue its `subscribed` reply (with the members, on a presence channel, where
-    /// `member` says who joins). Returns false when it was already subscribed (the reply is queued again).
+    /// Add a subscriber at once and queue its `subscribed` reply (with the members, on a presence channel, where
+    /// `member` says who joins), as a single node does. Returns false when it was already subscribed (the reply
+    /// is queued again). Connections use [`Hub::join`], which also waits for the cluster.
     pub fn subscribe(&self, name: &str, outbox: &Arc<Outbox>, member: Option<MemberJoin>) -> bool {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
-        let channel = match channels.get_mut(name) {
-            Some(channel) => channel,
-            None => channels.entry(name.into()).or_insert_with(|| Channel::new(name)),
-        };
-        let added = channel.subscribers.insert(outbox.id, Arc::clone(outbox)).is_none();
-        let (Some(presence), Some(member)) = (channel.presence.as_mut(), member) else {
-            outbox.push(Reply::Subscribed { channel: name }.encode());
-            return added;
-        };
-        let joined = presence.join(outbox.id, &member.user_id, member.info).map(|m| m.to_json(false));
-        let members = presence.members().into_iter().map(|m| m.to_json(true)).collect();
-        outbox.push(Reply::SubscribedWithMembers { channel: name, members }.encode());
-        if let Some(member) = joined {
-            channel.deliver(&Reply::MemberAdded { channel: name, member }.encode(), Some(outbox.id), None);
-        }
+        let channel = self.channel_entry(&mut channels, name);
+        let added = subscribe_now(name, channel, outbox, member);
+        drop(channels);
+        self.broker.subscribers_changed(name);
         added
     }
 
-    /// Remove a subscriber, and the channel with its last one; on a presence channel, tell the others when
-    /// that was the member's last connection. Returns false when it was not subscribed.
+    /// Subscribe a connection: at once on a single node; in a cluster, held until the broker confirms the channel
+    /// (and sends the members, on a presence channel). Subscribing again queues the reply again.
+    pub fn join(&self, name: &str, outbox: &Arc<Outbox>, member: Option<MemberJoin>) -> Joining {
+        let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        // Read under the lock: cluster_down takes it too, so a subscriber is never held after it released them.
+        let clustered = self.broker.is_clustered();
+        let channel = self.channel_entry(&mut channels, name);
+        let id = outbox.id;
+        if !clustered {
+            subscribe_now(name, channel, outbox, member);
+            drop(channels);
+            self.broker.subscribers_changed(name);
+            return Joining::Done;
+        }
+        if channel.subscribers.contains_key(&id) {
+            // Already subscribed: the reply again; on a presence channel the broker sends it with the members.
+            match member.filter(|_| channel.presence.is_some()) {
+                Some(member) => {
+                    let json = member_json(&member.user_id, &member.info);
+                    self.broker.presence_join(name, id, &member.user_id, &json);
+                }
+                None => {
+                    outbox.push(Reply::Subscribed { channel: name }.encode());
+                }
+            }
+            return Joining::Done;
+        }
+        let member = match (channel.presence.as_mut(), member) {
+            (Some(presence), Some(member)) => {
+                let json = member_json(&member.user_id, &member.info);
+                // The local list only records this node's share here; the events come from the broker.
+                presence.join(id, &member.user_id, member.info);
+                Some((member.user_id, json))
+            }
+            _ => None,
+        };
+        if channel.confirmed && member.is_none() {
+            channel.subscribers.insert(id, Arc::clone(outbox));
+            outbox.push(Reply::Subscribed { channel: name }.encode());
+            drop(channels);
+            self.broker.subscribers_changed(name);
+            return Joining::Done;
+        }
+        let join_sent = channel.confirmed;
+        if let (true, Some((user_id, json))) = (join_sent, &member) {
+            self.broker.presence_join(name, id, user_id, json);
+        }
+        let (done, released) = oneshot::channel();
+        channel.held.insert(id, Held { outbox: Arc::clone(outbox), member, join_sent, done });
+        Joining::Waiting(released)
+    }
+
+    /// The channel entry, created (and announced to the broker) when it is new.
+    fn channel_entry<'a>(&self, channels: &'a mut HashMap<Box<str>, Channel>, name: &str) -> &'a mut Channel {
+        if !channels.contains_key(name) {
+            let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            self.broker.channel_added(name, generation);
+            channels.insert(name.into(), Channel::new(name, generation));
+        }
+        channels.get_mut(name).expect("the channel was just inserted")
+    }
+
+    /// Remove a subscriber (or a held one), and the channel with its last one; on a presence channel, tell the
+    /// others when that was the member's last connection (in a cluster, the broker does). Returns false when it
+    /// was not subscribed.
     pub fn unsubscribe(&self, name: &str, id: ConnId) -> bool {
         let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         let Some(channel) = channels.get_mut(name) else { return false };
-        let removed = channel.subscribers.remove(&id).is_some();
-        if let Some(gone) = channel.presence.as_mut().and_then(|presence| presence.leave(id)) {
+        // Dropping a held entry fails its waiter: the connection already stopped waiting.
+        let removed = channel.subscribers.remove(&id).is_some() || channel.held.remove(&id).is_some();
+        let gone = channel.presence.as_mut().and_then(|presence| presence.leave(id));
+        if self.broker.is_clustered() {
+            if removed && channel.presence.is_some() {
+                self.broker.presence_leave(name, id);
+            }
+        } else if let Some(gone) = gone {
             channel.deliver(&Reply::MemberRemoved { channel: name, member: gone.to_json(false) }.encode(), None, None);
         }
-        if channel.subscribers.is_empty() {
+        if channel.subscribers.is_empty() && channel.held.is_empty() {
             channels.remove(name);
+            self.broker.channel_removed(name);
+        }
+        drop(channels);
+        if removed {
+            self.broker.subscribers_changed(name);
         }
         removed
+    }
+
+    /// The broker confirmed a channel (the life `generation` of it): release its held subscribers, or send their
+    /// presence joins.
+    pub fn channel_confirmed(&self, name: &str, generation: u64) {
+        let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(channel) = channels.get_mut(name).filter(|c| c.generation == generation && !c.confirmed) else {
+            return;
+        };
+        channel.confirmed = true;
+        let mut released = false;
+        for (id, mut waiting) in std::mem::take(&mut channel.held) {
+            match &waiting.member {
+                None => {
+                    channel.subscribers.insert(id, Arc::clone(&waiting.outbox));
+                    waiting.outbox.push(Reply::Subscribed { channel: name }.encode());
+                    let _ = waiting.done.send(());
+                    released = true;
+                }
+                Some((user_id, json)) => {
+                    if !waiting.join_sent {
+                        self.broker.presence_join(name, id, user_id, json);
+                        waiting.join_sent = true;
+                    }
+                    channel.held.insert(id, waiting);
+                }
+            }
+        }
+        drop(channels);
+        if released {
+            self.broker.subscribers_changed(name);
+        }
+    }
+
+    /// The broker's member list for a presence join: release the held connection with it (or, for a repeated
+    /// subscribe, queue the reply again).
+    pub fn presence_joined(&self, name: &str, id: ConnId, members: Vec<Value>) {
+        let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(channel) = channels.get_mut(name) else { return };
+        if let Some(waiting) = channel.held.remove(&id) {
+            channel.subscribers.insert(id, Arc::clone(&waiting.outbox));
+            waiting.outbox.push(Reply::SubscribedWithMembers { channel: name, members }.encode());
+            let _ = waiting.done.send(());
+            drop(channels);
+            self.broker.subscribers_changed(name);
+        } else if let Some(outbox) = channel.subscribers.get(&id) {
+            outbox.push(Reply::SubscribedWithMembers { channel: name, members }.encode());
+        }
+    }
+
+    /// The broker lost the cluster: forget the confirmations and release every held subscriber as a single
+    /// node would (presence lists are then this node's).
+    pub fn cluster_down(&self) {
+        let mut channels = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        for (name, channel) in channels.iter_mut() {
+            channel.confirmed = false;
+            for (id, waiting) in channel.held.drain() {
+                channel.subscribers.insert(id, Arc::clone(&waiting.outbox));
+                let reply = match (&channel.presence, &waiting.member) {
+                    (Some(presence), Some(_)) => {
+                        let members = presence.members().into_iter().map(|m| m.to_json(true)).collect();
+                        Reply::SubscribedWithMembers { channel: name, members }
+                    }
+                    _ => Reply::Subscribed { channel: name },
+                };
+                waiting.outbox.push(reply.encode());
+                let _ = waiting.done.send(());
+            }
+        }
+    }
+
+    /// Every channel with its generation, for the broker to subscribe to after a reconnection.
+    pub fn channel_generations(&self) -> Vec<(String, u64)> {
+        let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        channels.iter().map(|(name, channel)| (name.to_string(), channel.generation)).collect()
+    }
+
+    /// This node's presence connections and subscriber counts.
+    pub fn cluster_snapshot(&self) -> ClusterSnapshot {
+        let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        let mut snapshot = ClusterSnapshot { presence: Vec::new(), subscribers: Vec::new() };
+        for (name, channel) in channels.iter() {
+            if !channel.subscribers.is_empty() {
+                snapshot.subscribers.push((name.to_string(), channel.subscribers.len()));
+            }
+            if let Some(presence) = channel.presence.as_ref().filter(|presence| !presence.is_empty()) {
+                let entries = presence
+                    .connections()
+                    .map(|(id, member)| (id, Arc::clone(&member.id), member.to_json(false).to_string()))
+                    .collect();
+                snapshot.presence.push((name.to_string(), entries));
+            }
+        }
+        snapshot
     }
 
     /// Queue `frame` for every local subscriber of `name` except `exclude`. Returns how many it was queued for.
@@ -152,6 +367,21 @@ impl Hub {
         });
         drop(channels);
         self.stats.published(queued, frame.len());
+        queued
+    }
+
+    /// Deliver to this node's subscribers, then hand the publication to the broker for the other nodes.
+    /// `exclude` is a socket id (of any node). Returns how many local subscribers it was queued for.
+    pub fn broadcast(&self, name: &str, frame: &Utf8Bytes, exclude: Option<&str>) -> usize {
+        let queued = self.publish(name, frame, exclude.and_then(|socket_id| self.conn_id_of(socket_id)));
+        self.broker.publish(name, frame, exclude);
+        queued
+    }
+
+    /// Deliver to the user's connections on this node, then hand the push to the broker for the other nodes.
+    pub fn broadcast_to_user(&self, user_id: &str, frame: &Utf8Bytes) -> usize {
+        let queued = self.push_to_user(user_id, frame);
+        self.broker.push_to_user(user_id, frame);
         queued
     }
 
@@ -208,13 +438,34 @@ impl Hub {
     }
 }
 
+/// Subscribe at once, as a single node does: queue `subscribed` (with the members on a presence channel) and,
+/// for a user's first connection there, `member_added` to the others. Returns false when already subscribed.
+fn subscribe_now(name: &str, channel: &mut Channel, outbox: &Arc<Outbox>, member: Option<MemberJoin>) -> bool {
+    let added = channel.subscribers.insert(outbox.id, Arc::clone(outbox)).is_none();
+    let (Some(presence), Some(member)) = (channel.presence.as_mut(), member) else {
+        outbox.push(Reply::Subscribed { channel: name }.encode());
+        return added;
+    };
+    let joined = presence.join(outbox.id, &member.user_id, member.info).map(|m| m.to_json(false));
+    let members = presence.members().into_iter().map(|m| m.to_json(true)).collect();
+    outbox.push(Reply::SubscribedWithMembers { channel: name, members }.encode());
+    if let Some(member) = joined {
+        channel.deliver(&Reply::MemberAdded { channel: name, member }.encode(), Some(outbox.id), None);
+    }
+    added
+}
+
+/// A member as the other members see it: `{"id","info"}`.
+fn member_json(user_id: &str, info: &Map<String, Value>) -> String {
+    serde_json::json!({"id": user_id, "info": info}).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn conn(hub: &Hub) -> (Arc<Outbox>, crate::conn::outbox::OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(hub.new_conn_id(), 1 << 20);
-        (Arc::new(outbox), rx)
+        Outbox::new(hub.new_conn_id(), 1 << 20)
     }
 
     #[tokio::test]
@@ -320,5 +571,188 @@ mod tests {
         assert_eq!(hub.conn_id_of(&hub.socket_id(9)), Some(9));
         assert_eq!(hub.conn_id_of("41.9"), None);
         assert_eq!(hub.conn_id_of("garbage"), None);
+    }
+
+    /// A broker that is clustered while `up` and records what the hub asks of it.
+    #[derive(Default)]
+    struct RecordingBroker {
+        up: std::sync::atomic::AtomicBool,
+        calls: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl RecordingBroker {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+        fn record(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl Broker for RecordingBroker {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn is_clustered(&self) -> bool {
+            self.up.load(Ordering::SeqCst)
+        }
+        fn channel_added(&self, channel: &str, generation: u64) {
+            self.record(format!("added {channel} {generation}"));
+        }
+        fn channel_removed(&self, channel: &str) {
+            self.record(format!("removed {channel}"));
+        }
+        fn subscribers_changed(&self, _channel: &str) {}
+        fn publish(&self, channel: &str, _frame: &Utf8Bytes, exclude: Option<&str>) {
+            self.record(format!("publish {channel} {exclude:?}"));
+        }
+        fn push_to_user(&self, user_id: &str, _frame: &Utf8Bytes) {
+            self.record(format!("user {user_id}"));
+        }
+        fn presence_join(&self, channel: &str, conn: ConnId, user_id: &str, member: &str) {
+            self.record(format!("join {channel} {conn} {user_id} {member}"));
+        }
+        fn presence_leave(&self, channel: &str, conn: ConnId) {
+            self.record(format!("leave {channel} {conn}"));
+        }
+        fn presence<'a>(
+            &'a self,
+            _hub: &'a Hub,
+            _channel: &'a str,
+        ) -> futures_util::future::BoxFuture<'a, Result<Vec<Value>, crate::broker::BrokerError>> {
+            unimplemented!()
+        }
+        fn channel_info<'a>(
+            &'a self,
+            _hub: &'a Hub,
+            _channel: &'a str,
+        ) -> futures_util::future::BoxFuture<'a, Result<ChannelInfo, crate::broker::BrokerError>> {
+            unimplemented!()
+        }
+        fn stats<'a>(
+            &'a self,
+            _hub: &'a Hub,
+        ) -> futures_util::future::BoxFuture<'a, Result<crate::broker::ClusterStats, crate::broker::BrokerError>>
+        {
+            unimplemented!()
+        }
+    }
+
+    fn clustered_hub() -> (Hub, Arc<RecordingBroker>) {
+        let broker = Arc::new(RecordingBroker::default());
+        broker.up.store(true, Ordering::SeqCst);
+        (Hub::with_broker(7, Arc::clone(&broker) as Arc<dyn Broker>), broker)
+    }
+
+    fn waiting(joining: Joining) -> oneshot::Receiver<()> {
+        match joining {
+            Joining::Waiting(released) => released,
+            Joining::Done => panic!("expected the hub to hold the subscriber"),
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_subscribed_waits_for_the_brokers_confirmation() {
+        let (hub, broker) = clustered_hub();
+        let (a, mut rx_a) = conn(&hub);
+        let (b, mut rx_b) = conn(&hub);
+        let mut released = waiting(hub.join("news", &a, None));
+        assert_eq!(broker.take(), ["added news 1"]);
+        assert!(rx_a.try_recv().is_none(), "no reply before the confirmation");
+        assert_eq!(hub.publish("news", &Utf8Bytes::from_static("early"), None), 0, "held: not delivered to");
+        let mut released_b = waiting(hub.join("news", &b, None));
+        hub.channel_confirmed("news", 99); // another life of the channel: ignored
+        assert!(released.try_recv().is_err());
+        hub.channel_confirmed("news", 1);
+        assert!(released.try_recv().is_ok() && released_b.try_recv().is_ok());
+        assert_eq!(frame(&mut rx_a), serde_json::json!({"event":"subscribed","channel":"news"}));
+        frame(&mut rx_b);
+        assert_eq!(hub.publish("news", &Utf8Bytes::from_static("x"), None), 2);
+        // Once confirmed, a new subscriber is answered at once.
+        let (c, mut rx_c) = conn(&hub);
+        assert!(matches!(hub.join("news", &c, None), Joining::Done));
+        assert_eq!(frame(&mut rx_c)["event"], "subscribed");
+        // broadcast delivers locally and forwards, with the socket id to exclude.
+        assert_eq!(hub.broadcast("news", &Utf8Bytes::from_static("y"), Some(&hub.socket_id(a.id))), 2);
+        assert_eq!(broker.take(), [format!("publish news Some(\"7.{}\")", a.id)]);
+        for id in [a.id, b.id, c.id] {
+            hub.unsubscribe("news", id);
+        }
+        assert_eq!(broker.take(), ["removed news"]);
+    }
+
+    #[test]
+    fn a_held_subscriber_that_leaves_is_never_answered() {
+        let (hub, broker) = clustered_hub();
+        let (a, mut rx_a) = conn(&hub);
+        let mut released = waiting(hub.join("news", &a, None));
+        assert!(hub.unsubscribe("news", a.id));
+        assert!(released.try_recv().is_err(), "the wait fails: the subscriber is gone");
+        assert_eq!(broker.take(), ["added news 1", "removed news"]);
+        // The channel comes back to life under a new generation; the old confirmation releases nobody.
+        let (b, _rx_b) = conn(&hub);
+        let _released = waiting(hub.join("news", &b, None));
+        hub.channel_confirmed("news", 1);
+        assert!(rx_a.try_recv().is_none());
+        assert_eq!(hub.channel_info("news").unwrap().subscribers, 0);
+        hub.channel_confirmed("news", 2);
+        assert_eq!(hub.channel_info("news").unwrap().subscribers, 1);
+    }
+
+    #[test]
+    fn cluster_presence_takes_members_and_events_from_the_broker() {
+        let (hub, broker) = clustered_hub();
+        let (ana, mut rx_ana) = conn(&hub);
+        let (bob, mut rx_bob) = conn(&hub);
+        let mut released = waiting(hub.join("presence-room", &ana, join("ana")));
+        hub.channel_confirmed("presence-room", 1);
+        assert_eq!(
+            broker.take(),
+            [
+                "added presence-room 1".to_owned(),
+                format!("join presence-room {} ana {{\"id\":\"ana\",\"info\":{{}}}}", ana.id)
+            ]
+        );
+        assert!(released.try_recv().is_err(), "the member list is still to come");
+        let members = vec![
+            serde_json::json!({"id": "zoe", "info": {}, "connected_at": 1}),
+            serde_json::json!({"id": "ana", "info": {}, "connected_at": 2}),
+        ];
+        hub.presence_joined("presence-room", ana.id, members.clone());
+        assert!(released.try_recv().is_ok());
+        assert_eq!(frame(&mut rx_ana)["data"]["members"], Value::Array(members));
+        // A second local member: no member_added from the hub itself (the broker publishes events).
+        let _bob_released = waiting(hub.join("presence-room", &bob, join("bob")));
+        assert!(rx_ana.try_recv().is_none());
+        hub.presence_joined("presence-room", bob.id, Vec::new());
+        frame(&mut rx_bob);
+        broker.take();
+        hub.unsubscribe("presence-room", ana.id);
+        assert!(rx_bob.try_recv().is_none(), "member_removed comes from the broker");
+        assert_eq!(broker.take(), [format!("leave presence-room {}", ana.id)]);
+        let snapshot = hub.cluster_snapshot();
+        assert_eq!(snapshot.presence.len(), 1);
+        assert_eq!(snapshot.presence[0].1[0].1.as_ref(), "bob");
+        assert_eq!(snapshot.subscribers, [("presence-room".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn losing_the_cluster_releases_held_subscribers_as_a_single_node() {
+        let (hub, broker) = clustered_hub();
+        let (a, mut rx_a) = conn(&hub);
+        let (b, mut rx_b) = conn(&hub);
+        let mut released_a = waiting(hub.join("news", &a, None));
+        let mut released_b = waiting(hub.join("presence-room", &b, join("bob")));
+        broker.up.store(false, Ordering::SeqCst);
+        hub.cluster_down();
+        assert!(released_a.try_recv().is_ok() && released_b.try_recv().is_ok());
+        assert_eq!(frame(&mut rx_a)["event"], "subscribed");
+        assert_eq!(frame(&mut rx_b)["data"]["members"][0]["id"], "bob", "this node's own members");
+        assert_eq!(hub.channel_generations().len(), 2);
+        // Alone, the hub answers at once again and sends presence events itself.
+        let (c, mut rx_c) = conn(&hub);
+        assert!(matches!(hub.join("presence-room", &c, join("cy")), Joining::Done));
+        frame(&mut rx_c);
+        assert_eq!(frame(&mut rx_b)["event"], "member_added");
     }
 }
