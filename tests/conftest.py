@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -82,3 +85,23 @@ async def client(server: fastws.Server, path: str = "/") -> AsyncIterator[Client
 async def push(channel: str, payload: Any, **kwargs: Any) -> int:
     """``fastws.push`` from a worker thread, as application code in another thread would call it."""
     return await asyncio.to_thread(fastws.push, channel, payload, **kwargs)
+
+
+def raw_websocket(server: fastws.Server) -> socket.socket:
+    """A bare socket that completes the upgrade and nothing else: it answers no ping, reads only when told to.
+
+    For tests of hostile or silent clients, which a WebSocket library would not let us write.
+    """
+    sock = socket.create_connection(server.address, timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock

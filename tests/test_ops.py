@@ -4,10 +4,8 @@ lifecycle hooks, logging and demo mode."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
 import socket
 import struct
 import subprocess
@@ -18,7 +16,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import StartServer, client, push
+from conftest import StartServer, client, push, raw_websocket
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -186,23 +184,6 @@ async def test_http_publish_needs_post(start_server: StartServer) -> None:
 
 
 # -- heartbeats and limits ----------------------------------------------------------------------------------------
-
-
-def raw_websocket(server: fastws.Server) -> socket.socket:
-    """A client that completes the handshake and then never sends anything (not even a pong)."""
-    sock = socket.create_connection(server.address, timeout=5)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
-    return sock
 
 
 def read_close_code(sock: socket.socket, timeout: float) -> tuple[int, float]:

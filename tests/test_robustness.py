@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client, StartServer, client, push
+from conftest import Client, StartServer, client, push, raw_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
@@ -126,7 +126,7 @@ async def test_invalid_utf8_text_closes_with_1007(start_server: StartServer) -> 
     server = start_server()
     async with client(server) as good:
         await good.subscribe("news")
-        sock = await asyncio.to_thread(handshake, server)
+        sock = await asyncio.to_thread(raw_websocket, server)
         sock.sendall(masked_frame(0x81, b"\xff\xfe"))
         assert await asyncio.to_thread(close_code, sock) == 1007
         sock.close()
@@ -146,27 +146,11 @@ async def test_protocol_violations_close_with_their_code(start_server: StartServ
     server = start_server()
     async with client(server) as good:
         await good.subscribe("news")
-        sock = await asyncio.to_thread(handshake, server)
+        sock = await asyncio.to_thread(raw_websocket, server)
         sock.sendall(frame())
         assert await asyncio.to_thread(close_code, sock) == code
         sock.close()
         await keeps_receiving(good, "news")
-
-
-def handshake(server: fastws.Server) -> socket.socket:
-    sock = socket.create_connection(server.address, timeout=5)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
-    return sock
 
 
 def masked_frame(first_byte: int, payload: bytes) -> bytes:
