@@ -202,8 +202,11 @@ fn ops_access(request: &ConnectRequest, config: &ServerConfig) -> Result<(), Res
                 .and_then(|value| value.trim().split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, token)| token.trim().to_owned());
-            // A browser cannot set a header when it loads /dashboard, so a GET may carry ?api_key= instead.
-            let given = bearer.or_else(|| query_value(&request.query, "api_key"));
+            // A browser cannot set a header when it loads /dashboard, so a GET (only) may carry ?api_key= instead.
+            let from_query = (request.method == "GET" || request.method == "HEAD")
+                .then(|| query_value(&request.query, "api_key"))
+                .flatten();
+            let given = bearer.or(from_query);
             if given.is_some_and(|given| constant_time_eq(given.as_bytes(), key.as_bytes())) {
                 Ok(())
             } else {
@@ -212,7 +215,15 @@ fn ops_access(request: &ConnectRequest, config: &ServerConfig) -> Result<(), Res
         }
         None => {
             let proxied = request.header("x-forwarded-for").is_some() || request.header("forwarded").is_some();
-            if request.remote_addr.ip().is_loopback() && !proxied {
+            // A browser on this machine reaches loopback too: a page of another site posting here (request
+            // forgery) sends its own Origin, and a DNS-rebinding page names its own host in Host. Local tools
+            // (curl, fastws push, Prometheus) send neither.
+            let host_is_local = request.header("host").is_none_or(is_loopback_host);
+            let foreign_origin = request.header("origin").is_some_and(|origin| {
+                let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+                request.header("host").is_none_or(|host| !host.eq_ignore_ascii_case(origin_host))
+            });
+            if request.remote_addr.ip().is_loopback() && !proxied && host_is_local && !foreign_origin {
                 Ok(())
             } else {
                 Err(Response::error(
@@ -222,6 +233,18 @@ fn ops_access(request: &ConnectRequest, config: &ServerConfig) -> Result<(), Res
             }
         }
     }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn query_value(query: &str, name: &str) -> Option<String> {
@@ -314,6 +337,16 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secrets"));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in ["localhost", "localhost:9501", "127.0.0.1", "127.0.0.2:80", "[::1]:9501", "[::1]"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["evil.example", "evil.example:9501", "10.0.0.1:9501", "localhost.evil.example"] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

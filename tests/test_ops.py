@@ -334,3 +334,23 @@ async def test_demo_mode_allows_demo_publish_and_anonymous_presence(start_server
 async def test_without_demo_the_root_path_is_426(start_server: StartServer) -> None:
     server = start_server()
     assert (await asyncio.to_thread(http, server, "/"))[0] == 426
+
+
+async def test_browser_pages_cannot_use_the_local_ops_endpoints(start_server: StartServer) -> None:
+    """Without api_key the rule is "local tools only": a page of another site (its Origin) or a DNS-rebinding page
+    (its Host) reaching the loopback port through a browser is refused."""
+    server = start_server()
+    body = {"channel": "news", "payload": 1}
+    assert (await asyncio.to_thread(http, server, "/api/publish", body=body))[0] == 200
+    for headers in [{"Origin": "https://evil.example"}, {"Host": "evil.example:9501"}]:
+        status, text = await asyncio.to_thread(http, server, "/api/publish", body=body, headers=headers)
+        assert status == 403 and "api_key" in json.loads(text)["error"], headers
+        assert (await asyncio.to_thread(http, server, "/stats", headers=headers))[0] == 403
+
+
+async def test_api_key_in_the_query_is_for_get_only(start_server: StartServer) -> None:
+    server = start_server(api_key="k")
+    body = {"channel": "news", "payload": 1}
+    assert (await asyncio.to_thread(http, server, "/api/publish?api_key=k", body=body))[0] == 401
+    headers = {"Authorization": "Bearer k"}
+    assert (await asyncio.to_thread(http, server, "/api/publish", body=body, headers=headers))[0] == 200

@@ -390,3 +390,33 @@ def test_fuzzed_request_heads_get_an_http_answer_or_a_close(fuzz_server: fastws.
 def http_get(server: fastws.Server, path: str) -> tuple[int, bytes]:
     with urllib.request.urlopen(f"http://{server.address[0]}:{server.address[1]}{path}", timeout=5) as response:
         return response.status, response.read()
+
+
+async def test_a_ping_frame_flood_is_rate_limited_too(start_server: StartServer) -> None:
+    server = start_server(rate_limit=20, rate_burst=5)
+    async with client(server) as good:
+        await good.subscribe("news")
+        sock = await asyncio.to_thread(raw_websocket, server)
+        flood = masked_frame(0x89, b"p") * 50  # 50 WebSocket ping frames every 50 ms: 1,000/s against 20/s
+
+        def keep_flooding() -> None:
+            deadline = time.monotonic() + 3
+            try:
+                while time.monotonic() < deadline:
+                    sock.sendall(flood)
+                    time.sleep(0.05)
+            except OSError:
+                pass  # the server closed the connection
+
+        def flood_until_closed() -> int:
+            # Read while flooding, so the close frame is taken before the server's final reset can discard it.
+            flooder = threading.Thread(target=keep_flooding)
+            flooder.start()
+            try:
+                return close_code(sock)
+            finally:
+                flooder.join()
+
+        assert await asyncio.to_thread(flood_until_closed) == 1008
+        sock.close()
+        await keeps_receiving(good, "news")

@@ -294,7 +294,13 @@ SETTINGS: dict[str, SettingSpec] = {
             "Seconds before a node that stopped refreshing its Redis key counts as gone (its members are removed).",
             check=_positive,
         ),
-        SettingSpec("demo", "bool", False, "Serve the built-in demo page."),
+        SettingSpec(
+            "demo",
+            "bool",
+            False,
+            "Serve the demo chat page at / (also client publish on demo.*, anonymous presence-demo.*); "
+            "`fastws serve` without an APP turns it on.",
+        ),
         SettingSpec("log_level", "str", "info", "Log level.", choices=("debug", "info", "warning", "error")),
         SettingSpec("log_format", "str", "text", "Log format.", choices=("text", "json")),
     )

@@ -212,7 +212,8 @@ impl Session {
                     last_heard = Instant::now();
                     pinged = false;
                     match message {
-                        Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        // Pings count too: tungstenite answers each with a pong, so a ping flood costs writes.
+                        Some(Ok(message @ (Message::Text(_) | Message::Binary(_) | Message::Ping(_)))) => {
                             let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
                             match verdict {
                                 Verdict::Accept => self.handle_data(&message),
