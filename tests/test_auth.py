@@ -420,3 +420,39 @@ def test_fastws_token_without_a_secret_is_a_one_line_error() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "jwt_secret" in result.stderr
+
+
+async def test_publishing_to_private_or_presence_needs_a_subscription(start_server: StartServer) -> None:
+    server = start_server(jwt_secret=SECRET, client_publish=["private-*", "presence-*"])
+    async with user_client(server, token({"sub": "a"})) as a, user_client(server, token({"sub": "b"})) as b:
+        await b.subscribe("presence-r")
+        for channel in ["presence-r", "private-user.b"]:
+            reply = await a.request({"event": "publish", "data": {"channel": channel, "payload": 1}})
+            assert reply["data"]["code"] == 4003 and "subscribe" in reply["data"]["message"], reply
+        await b.nothing()
+        await a.subscribe("presence-r")
+        assert (await b.recv())["event"] == "member_added"
+        await a.send({"event": "publish", "data": {"channel": "presence-r", "payload": {"x": 1}}})
+        assert await b.recv() == {"event": "message", "channel": "presence-r", "data": {"x": 1}}
+
+
+async def test_a_raising_or_hanging_authorize_hook_refuses_with_4003() -> None:
+    server = fastws.Server(host="127.0.0.1", port=0, jwt_secret=SECRET, hook_timeout=0.5)
+
+    @server.authorize
+    def decide(user: fastws.User, channel: str) -> bool:
+        if channel == "private-boom":
+            raise RuntimeError("authorization backend down")
+        time.sleep(2)
+        return True
+
+    server.start()
+    try:
+        async with user_client(server, token({"sub": "a"})) as c:
+            for channel in ["private-boom", "private-slow"]:
+                reply = await c.request({"event": "subscribe", "data": {"channel": channel}})
+                assert (reply["channel"], reply["data"]["code"]) == (channel, 4003), reply
+                assert "authorization failed" in reply["data"]["message"]
+            assert await c.request({"event": "ping"}) == {"event": "pong"}
+    finally:
+        await asyncio.to_thread(server.stop)
