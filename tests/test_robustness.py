@@ -153,6 +153,36 @@ async def test_protocol_violations_close_with_their_code(start_server: StartServ
         await keeps_receiving(good, "news")
 
 
+async def test_a_ping_frame_flood_is_rate_limited_too(start_server: StartServer) -> None:
+    server = start_server(rate_limit=20, rate_burst=5)
+    async with client(server) as good:
+        await good.subscribe("news")
+        sock = await asyncio.to_thread(raw_websocket, server)
+        flood = masked_frame(0x89, b"p") * 50  # 50 WebSocket ping frames every 50 ms: 1,000/s against 20/s
+
+        def keep_flooding() -> None:
+            deadline = time.monotonic() + 3
+            try:
+                while time.monotonic() < deadline:
+                    sock.sendall(flood)
+                    time.sleep(0.05)
+            except OSError:
+                pass  # the server closed the connection
+
+        def flood_until_closed() -> int:
+            # Read while flooding, so the close frame is taken before the server's final reset can discard it.
+            flooder = threading.Thread(target=keep_flooding)
+            flooder.start()
+            try:
+                return close_code(sock)
+            finally:
+                flooder.join()
+
+        assert await asyncio.to_thread(flood_until_closed) == 1008
+        sock.close()
+        await keeps_receiving(good, "news")
+
+
 def masked_frame(first_byte: int, payload: bytes) -> bytes:
     mask = os.urandom(4)
     length = len(payload)
@@ -183,7 +213,8 @@ def close_code(sock: socket.socket) -> int:
                 return int.from_bytes(payload[:2], "big")
 
 
-# -- fuzzing a live server ------------------------------------------------------------------------------------------
+# -- fuzzing a live server -----------------------------------------------------------------------------------------
+# (a module-scoped server: keep these after the tests that start their own, or those would find it running)
 
 
 @pytest.fixture(scope="module")
@@ -390,33 +421,3 @@ def test_fuzzed_request_heads_get_an_http_answer_or_a_close(fuzz_server: fastws.
 def http_get(server: fastws.Server, path: str) -> tuple[int, bytes]:
     with urllib.request.urlopen(f"http://{server.address[0]}:{server.address[1]}{path}", timeout=5) as response:
         return response.status, response.read()
-
-
-async def test_a_ping_frame_flood_is_rate_limited_too(start_server: StartServer) -> None:
-    server = start_server(rate_limit=20, rate_burst=5)
-    async with client(server) as good:
-        await good.subscribe("news")
-        sock = await asyncio.to_thread(raw_websocket, server)
-        flood = masked_frame(0x89, b"p") * 50  # 50 WebSocket ping frames every 50 ms: 1,000/s against 20/s
-
-        def keep_flooding() -> None:
-            deadline = time.monotonic() + 3
-            try:
-                while time.monotonic() < deadline:
-                    sock.sendall(flood)
-                    time.sleep(0.05)
-            except OSError:
-                pass  # the server closed the connection
-
-        def flood_until_closed() -> int:
-            # Read while flooding, so the close frame is taken before the server's final reset can discard it.
-            flooder = threading.Thread(target=keep_flooding)
-            flooder.start()
-            try:
-                return close_code(sock)
-            finally:
-                flooder.join()
-
-        assert await asyncio.to_thread(flood_until_closed) == 1008
-        sock.close()
-        await keeps_receiving(good, "news")
