@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{spawn_local, JoinHandle};
 
-use report::{cpu_delta, percentile_ms, usage, Json};
+use report::{cpu_delta, json_list, percentile_ms, usage, Cores, Json};
 use ws::{After, Frame, Masker, Parser, Target};
 
 /// Slots of the outstanding-message ring: a window may not be larger.
@@ -54,8 +54,8 @@ scenarios
              (--token JWT appends ?token=)
   subscribe  S subscribers on --channel; print {\"ready\":...} once subscribed, then wait until each got --expect
              messages (or --timeout s) and print the counts (the subscriber side of benches/push_bench.py)
-  smoke      every scenario in miniature against one server (it must allow client publish on bench*); exit
-             status 1 when a check fails
+  smoke      every scenario in miniature against one server (it must allow client publish on bench*), in a
+             few seconds; exit status 0 when every check passed, 1 when one failed (also: loadgen --smoke)
 
 common options
   --url URL            loopback ws:// URL of the server under test (required)
@@ -76,6 +76,8 @@ fn main() {
         print!("{HELP}");
         return;
     }
+    // `loadgen --smoke --url ...` is the same as `loadgen smoke --url ...`.
+    let scenario = if scenario == "--smoke" { "smoke".to_string() } else { scenario };
     let opts = match Opts::parse(&args[1..]) {
         Ok(o) => o,
         Err(e) => fail(&e),
@@ -778,7 +780,7 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
 
         let live = hub.live.get();
         let (d0, s0, c0) = (hub.delivered.get(), publisher.seq, hub.completed.get());
-        let (server0, self0) = (usage(common.server_pid), usage(std::process::id()));
+        let (server0, self0, cores0) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
         hub.samples.borrow_mut().clear();
         hub.sampling.set(true);
         let t0 = Instant::now();
@@ -786,7 +788,7 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
             drive(&hub, &mut publisher, &common.channel, load, t0 + Duration::from_secs_f64(p.seconds)).await?;
         let elapsed = t0.elapsed().as_secs_f64();
         let (d1, s1) = (hub.delivered.get(), publisher.seq);
-        let (server1, self1) = (usage(common.server_pid), usage(std::process::id()));
+        let (server1, self1, cores1) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
         let drained = drain(&hub, publisher.seq, Duration::from_secs(10)).await;
         let server2 = usage(common.server_pid);
         hub.sampling.set(false);
@@ -836,6 +838,8 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
             .opt("server_rss_bytes", server2.map(|u| u.rss_bytes as f64), 0)
             .opt("server_rss_before_connect_bytes", idle_rss.map(|v| v as f64), 0)
             .opt("generator_cpu_util", cpu_delta(self0, self1).map(|c| c / elapsed), 3)
+            .raw("cores_busy", &json_list(&cores1.busy_since(&cores0)))
+            .opt("unattributed_cpu_util", unattributed(&cores0, &cores1, server0, server1, self0, self1, elapsed), 3)
             .int("subscribers_lost", live.saturating_sub(hub.live.get()))
             .counts("subscriber_endings", &*hub.endings.borrow())
             .int("publisher_errors", hub.publisher_errors.get());
@@ -848,6 +852,22 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
         h.abort();
     }
     Ok(lines)
+}
+
+/// CPU (in cores) that was busy during the interval but not spent by the server or the generator: the kernel's
+/// deferred network work (softirq threads) plus any other process on the machine. High values mean a noisy run.
+fn unattributed(
+    cores0: &Cores,
+    cores1: &Cores,
+    server0: Option<report::Usage>,
+    server1: Option<report::Usage>,
+    self0: Option<report::Usage>,
+    self1: Option<report::Usage>,
+    elapsed: f64,
+) -> Option<f64> {
+    let busy: f64 = cores1.busy_since(cores0).iter().sum();
+    let ours = cpu_delta(server0, server1)? + cpu_delta(self0, self1)?;
+    Some((busy - ours / elapsed.max(1e-9)).max(0.0))
 }
 
 /// Publish until `until`: with a fixed rate, one message per tick; otherwise as fast as the window allows (each
@@ -984,7 +1004,7 @@ struct ConnectParams {
 }
 
 async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, String> {
-    let before = usage(common.server_pid);
+    let (before, self0, cores0) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
     let started = Instant::now();
     let next = Rc::new(Cell::new(0usize));
     let ok = Rc::new(Cell::new(0u64));
@@ -1054,7 +1074,7 @@ async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, Str
         let _ = worker.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let after = usage(common.server_pid);
+    let (after, self1, cores1) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
     let mut latencies = std::mem::take(&mut *latencies.borrow_mut());
     latencies.sort_unstable();
     let handshakes = ok.get();
@@ -1079,6 +1099,10 @@ async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, Str
         .opt("server_cpu_s", cpu, 3)
         .opt("server_cpu_us_per_handshake", cpu.map(|c| c * 1e6 / handshakes.max(1) as f64), 2)
         .opt("server_rss_bytes", after.map(|u| u.rss_bytes as f64), 0)
+        .opt("server_cpu_util", cpu.map(|c| c / elapsed), 3)
+        .opt("generator_cpu_util", cpu_delta(self0, self1).map(|c| c / elapsed), 3)
+        .raw("cores_busy", &json_list(&cores1.busy_since(&cores0)))
+        .opt("unattributed_cpu_util", unattributed(&cores0, &cores1, before, after, self0, self1, elapsed), 3)
         .finish();
     emit(line.clone());
     Ok(line)

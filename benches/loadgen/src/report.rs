@@ -24,6 +24,47 @@ pub fn usage(pid: u32) -> Option<Usage> {
     Some(Usage { cpu_s: ticks / hz, rss_bytes: rss_kb * 1024 })
 }
 
+/// Busy and total jiffies of each core, from /proc/stat (busy: everything but idle and iowait).
+#[derive(Clone, Debug, Default)]
+pub struct Cores(Vec<(u64, u64)>);
+
+impl Cores {
+    pub fn now() -> Cores {
+        let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return Cores::default() };
+        let mut cores = Vec::new();
+        for line in stat.lines() {
+            let Some(rest) = line.strip_prefix("cpu") else { continue };
+            if !rest.starts_with(|c: char| c.is_ascii_digit()) {
+                continue;
+            }
+            let v: Vec<u64> = rest.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+            if v.len() < 5 {
+                continue;
+            }
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v[3] + v[4];
+            cores.push((total - idle, total));
+        }
+        Cores(cores)
+    }
+
+    /// Busy fraction of each core between two snapshots.
+    pub fn busy_since(&self, before: &Cores) -> Vec<f64> {
+        self.0
+            .iter()
+            .zip(&before.0)
+            .map(|((b1, t1), (b0, t0))| if t1 > t0 { (b1 - b0) as f64 / (t1 - t0) as f64 } else { f64::NAN })
+            .collect()
+    }
+}
+
+/// `[0.99,0.42]`
+pub fn json_list(values: &[f64]) -> String {
+    let items: Vec<String> =
+        values.iter().map(|v| if v.is_finite() { format!("{v:.3}") } else { "null".into() }).collect();
+    format!("[{}]", items.join(","))
+}
+
 pub fn cpu_delta(before: Option<Usage>, after: Option<Usage>) -> Option<f64> {
     Some(after?.cpu_s - before?.cpu_s)
 }
