@@ -521,7 +521,7 @@ benches/loadgen/target/release/loadgen smoke --url ws://127.0.0.1:PORT/
   nothing on connect (fastws sends its `connected` frame), have pings and compression off, and a listen backlog
   of 4096. fastws runs as `fastws serve --workers 1 --client-publish 'bench*' --idle-timeout 0
   --heartbeat-interval 0 --max-connections 100000 --log-level warning` (plus a rate limit far above any rate here,
-  since rate limiting is reserved today).
+  so the default limit of 100 messages/s per connection never throttles the publisher).
 - **The generator's limits.** It reads with one 256 KiB buffer per read, counts frames by parsing headers only,
   and reports its own CPU use: near 100% means the figure is the generator's limit, not the server's.
 - **A shared machine.** The machine may run other work (builds, test suites). Before each run the harness waits up

@@ -111,7 +111,7 @@ class ServerSpec:
             "0",
             "--heartbeat-interval",
             "0",
-            # Rate limiting is reserved today; a publisher at full speed must never be throttled by it later.
+            # The default rate limit (100 messages/s per connection) would throttle a publisher at full speed.
             "--rate-limit",
             "10000000",
             "--rate-burst",
