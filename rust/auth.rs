@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
@@ -92,16 +92,7 @@ pub struct OriginRule {
 
 impl OriginRule {
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, String> {
-        if patterns.is_empty() {
-            return Ok(OriginRule { patterns: None });
-        }
-        let mut builder = GlobSetBuilder::new();
-        for pattern in patterns {
-            let pattern = pattern.as_ref();
-            builder.add(Glob::new(pattern).map_err(|e| format!("bad origin pattern {pattern:?}: {e}"))?);
-        }
-        let set = builder.build().map_err(|e| e.to_string())?;
-        Ok(OriginRule { patterns: Some(set) })
+        crate::config::glob_set(patterns, "origin").map(|patterns| OriginRule { patterns })
     }
 
     /// Clients that send no `Origin` (non-browser clients) are always allowed: the check protects browsers'

@@ -80,20 +80,25 @@ pub struct ChannelPatterns {
 
 impl ChannelPatterns {
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, String> {
-        if patterns.is_empty() {
-            return Ok(ChannelPatterns { set: None });
-        }
-        let mut builder = GlobSetBuilder::new();
-        for pattern in patterns {
-            let pattern = pattern.as_ref();
-            builder.add(Glob::new(pattern).map_err(|e| format!("bad channel pattern {pattern:?}: {e}"))?);
-        }
-        builder.build().map(|set| ChannelPatterns { set: Some(set) }).map_err(|e| e.to_string())
+        glob_set(patterns, "channel").map(|set| ChannelPatterns { set })
     }
 
     pub fn matches(&self, channel: &str) -> bool {
         self.set.as_ref().is_some_and(|set| set.is_match(channel))
     }
+}
+
+/// Compile glob patterns (channel names, origins); None for an empty list. `what` names them in errors.
+pub fn glob_set<S: AsRef<str>>(patterns: &[S], what: &str) -> Result<Option<GlobSet>, String> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        let pattern = pattern.as_ref();
+        builder.add(Glob::new(pattern).map_err(|e| format!("bad {what} pattern {pattern:?}: {e}"))?);
+    }
+    builder.build().map(Some).map_err(|e| e.to_string())
 }
 
 /// Seconds as given by Python (floats allowed) to a Duration; zero and below mean "off".
