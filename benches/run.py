@@ -436,6 +436,10 @@ def run_generator(cmd: list[str], timeout: float) -> tuple[list[dict[str, Any]],
         proc.kill()  # our own child, by its handle
         out, err = proc.communicate()
         return parse_lines(out), f"the generator ran past its {timeout:.0f} s limit and was killed; " + tail(err)
+    except BaseException:  # stopped (SIGTERM, Ctrl-C): take the generator down too
+        proc.kill()
+        proc.wait()
+        raise
     lines = parse_lines(out)
     for line in lines:
         log("  " + summarize(line))
@@ -794,93 +798,112 @@ def main() -> int:  # noqa: C901
     notes = setup(names, args.skip_install)
     token = sign_token() if any(c.token for c in all_cases) else None
 
-    runs: list[dict[str, Any]] = []
-    # Noisy runs are repeated while the whole harness has run for less than this (seconds since start).
-    retry_budget = args.retry_budget * 60
-    for rep in range(1, args.repeat + 1):
-        for case in all_cases:
-            for name in names:
-                spec = SERVERS[name]
-                if case.servers is not None and name not in case.servers:
-                    continue
-                if spec.unavailable:
-                    continue
-                for attempt in range(1, 4):
-                    log(
-                        f"rep {rep}/{args.repeat} · {case.id} · {name}"
-                        + (f" · attempt {attempt}" if attempt > 1 else "")
-                    )
-                    try:
-                        records = run_case(case, spec, rep, token, args.quiet_wait)
-                    except Exception as error:  # a harness bug must not lose the runs so far
-                        records = [
-                            {
-                                "case_id": case.id,
-                                "scenario": case.scenario,
-                                "server": name,
-                                "rep": rep,
-                                "row": case.id,
-                                "ok": False,
-                                "error": scrub(f"harness error: {error!r}"),
-                            }
-                        ]
-                    noise = max((r.get("data") or {}).get("unattributed_cpu_util") or 0 for r in records)
-                    for r in records:
-                        r["attempt"] = attempt
-                    time.sleep(0.5)
-                    if noise > NOISY and retry_budget > time.monotonic() - t0 and attempt < 3:
-                        # Another process took CPU during the run: keep it (marked) and run the case again.
-                        log(f"noisy run ({noise:.2f} core used by other processes); running it again")
-                        for r in records:
-                            r["noisy"] = True
-                        runs.extend(records)
-                        continue
-                    if noise > NOISY:
-                        for r in records:
-                            r["noisy"] = True
-                    runs.extend(records)
-                    break
-
-    finished = dt.datetime.now(dt.timezone.utc)
-    command = os.environ.get("BENCH_COMMAND") or "python3 " + " ".join([rel(sys.argv[0]), *sys.argv[1:]])
-    result = {
-        "schema": 1,
-        "kind": "quick" if quick else ("full" if not (args.servers or args.scenarios) else "partial"),
-        "command": command,
-        "started": started.isoformat(timespec="seconds"),
-        "finished": finished.isoformat(timespec="seconds"),
-        "duration_s": round(time.monotonic() - t0, 1),
-        "config": {
-            "repeat": args.repeat,
-            "quiet_wait_s": args.quiet_wait,
-            "fanout_seconds": seconds,
-            "server_cpu": SERVER_CPU,
-            "loadgen_cpu": LOADGEN_CPU,
-            "src_ips": SRC_IPS,
-            "cases": {c.id: case_command(c) for c in all_cases},
-        },
-        "machine": machine(),
-        "versions": versions(),
-        "notes": notes,
-        "servers": {
-            n: {
-                "description": SERVERS[n].description,
-                "pinned": SERVERS[n].pinned,
-                "command": " ".join(SERVERS[n].command(0)).replace("--port 0", "--port PORT"),
-                "available": SERVERS[n].unavailable is None,
-                "unavailable": SERVERS[n].unavailable,
-            }
-            for n in names
-        },
-        "runs": runs,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = {"quick": "-quick", "partial": "-partial"}.get(result["kind"], "")
+    kind = "quick" if quick else ("full" if not (args.servers or args.scenarios) else "partial")
+    suffix = {"quick": "-quick", "partial": "-partial"}.get(kind, "")
     out = Path(args.out) if args.out else RESULTS / f"{started.strftime('%Y-%m-%d')}{suffix}.json"
     if not args.out and out.exists():  # a second run the same day keeps the first one
         out = RESULTS / f"{started.strftime('%Y-%m-%d-%H%M')}{suffix}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {rel(out)} ({len(runs)} results, {result['duration_s']:.0f} s)")
+    command = os.environ.get("BENCH_COMMAND") or "python3 " + " ".join([rel(sys.argv[0]), *sys.argv[1:]])
+    the_machine, the_versions = machine(), versions()
+
+    def save(complete: bool) -> None:
+        """Written after every case, so a run that is stopped half-way keeps what it measured."""
+        result = {
+            "schema": 1,
+            "kind": kind,
+            "complete": complete,
+            "command": command,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.monotonic() - t0, 1),
+            "config": {
+                "repeat": args.repeat,
+                "quiet_wait_s": args.quiet_wait,
+                "fanout_seconds": seconds,
+                "server_cpu": SERVER_CPU,
+                "loadgen_cpu": LOADGEN_CPU,
+                "src_ips": SRC_IPS,
+                "cases": {c.id: case_command(c) for c in all_cases},
+            },
+            "machine": the_machine,
+            "versions": the_versions,
+            "notes": notes,
+            "servers": {
+                n: {
+                    "description": SERVERS[n].description,
+                    "pinned": SERVERS[n].pinned,
+                    "command": " ".join(SERVERS[n].command(0)).replace("--port 0", "--port PORT"),
+                    "available": SERVERS[n].unavailable is None,
+                    "unavailable": SERVERS[n].unavailable,
+                }
+                for n in names
+            },
+            "runs": runs,
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    runs: list[dict[str, Any]] = []
+
+    def stop_on_signal(signum: int, _frame: Any) -> None:
+        # SIGTERM (or Ctrl-C): unwind, so run_case stops its server by PID and what was measured is saved.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    # Noisy runs are repeated while the whole harness has run for less than this (seconds since start).
+    retry_budget = args.retry_budget * 60
+    try:
+        for rep in range(1, args.repeat + 1):
+            for case in all_cases:
+                for name in names:
+                    spec = SERVERS[name]
+                    if case.servers is not None and name not in case.servers:
+                        continue
+                    if spec.unavailable:
+                        continue
+                    for attempt in range(1, 4):
+                        log(
+                            f"rep {rep}/{args.repeat} · {case.id} · {name}"
+                            + (f" · attempt {attempt}" if attempt > 1 else "")
+                        )
+                        try:
+                            records = run_case(case, spec, rep, token, args.quiet_wait)
+                        except Exception as error:  # a harness bug must not lose the runs so far
+                            records = [
+                                {
+                                    "case_id": case.id,
+                                    "scenario": case.scenario,
+                                    "server": name,
+                                    "rep": rep,
+                                    "row": case.id,
+                                    "ok": False,
+                                    "error": scrub(f"harness error: {error!r}"),
+                                }
+                            ]
+                        noise = max((r.get("data") or {}).get("unattributed_cpu_util") or 0 for r in records)
+                        for r in records:
+                            r["attempt"] = attempt
+                        time.sleep(0.5)
+                        if noise > NOISY and retry_budget > time.monotonic() - t0 and attempt < 3:
+                            # Another process took CPU during the run: keep it (marked) and run the case again.
+                            log(f"noisy run ({noise:.2f} core used by other processes); running it again")
+                            for r in records:
+                                r["noisy"] = True
+                            runs.extend(records)
+                            continue
+                        if noise > NOISY:
+                            for r in records:
+                                r["noisy"] = True
+                        runs.extend(records)
+                        break
+                    save(complete=False)
+    except KeyboardInterrupt as stop:
+        save(complete=False)
+        log(f"stopped ({stop}); kept {len(runs)} results in {rel(out)}")
+        return 130
+
+    save(complete=True)
+    log(f"wrote {rel(out)} ({len(runs)} results, {time.monotonic() - t0:.0f} s)")
     if not args.no_docs:
         sh([str(VPY), str(BENCH / "report.py")], quiet=False)
     failed = [r for r in runs if not r.get("ok")]
