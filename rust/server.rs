@@ -71,14 +71,34 @@ impl From<io::Error> for StartError {
     }
 }
 
+/// Bind like std::net::TcpListener::bind (each resolved address in turn, SO_REUSEADDR as std sets it on Unix),
+/// but with the configured listen backlog instead of std's 128.
+fn listen(config: &ServerConfig) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let mut last_error = io::Error::new(io::ErrorKind::InvalidInput, "the host resolved to no address");
+    for address in std::net::ToSocketAddrs::to_socket_addrs(&(config.host.as_str(), config.port))? {
+        let bound = Socket::new(Domain::for_address(address), Type::STREAM, None).and_then(|socket| {
+            socket.set_reuse_address(true)?;
+            socket.bind(&address.into())?;
+            socket.listen(i32::try_from(config.backlog).unwrap_or(i32::MAX))?;
+            socket.set_nonblocking(true)?;
+            Ok(std::net::TcpListener::from(socket))
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
+}
+
 /// How long stop() gives the broker to leave the cluster (its members removed from Redis).
 const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl RunningServer {
     /// Bind, build the runtime, connect to Redis when configured, and start accepting in the background.
     pub fn start(config: ServerConfig) -> Result<Self, StartError> {
-        let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))?;
-        listener.set_nonblocking(true)?;
+        let listener = listen(&config)?;
         let local_addr = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))

@@ -354,3 +354,22 @@ async def test_api_key_in_the_query_is_for_get_only(start_server: StartServer) -
     assert (await asyncio.to_thread(http, server, "/api/publish?api_key=k", body=body))[0] == 401
     headers = {"Authorization": "Bearer k"}
     assert (await asyncio.to_thread(http, server, "/api/publish", body=body, headers=headers))[0] == 200
+
+
+def listen_queue_length(port: int) -> int:
+    """The listening socket's backlog as the kernel reports it (`ss` shows it as Send-Q of a LISTEN socket)."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return int(out.split()[2])
+
+
+@pytest.mark.parametrize("backlog", [None, 300])
+def test_listen_backlog_is_the_setting_not_the_platform_default(start_server: StartServer, backlog: int | None) -> None:
+    # std's bind listens with 128, which overflowed under 200 connects in flight; uvicorn's default is 2048.
+    settings = {} if backlog is None else {"backlog": backlog}
+    server = start_server(**settings)
+    expected = backlog or 2048
+    with open("/proc/sys/net/core/somaxconn") as somaxconn:
+        expected = min(expected, int(somaxconn.read()))
+    assert listen_queue_length(server.address[1]) == expected

@@ -67,6 +67,7 @@ class Settings:
     rate_burst: int
     handshake_timeout: float
     max_pending_handshakes: int
+    backlog: int
     hook_timeout: float
     send_queue_bytes: int
     redis_url: str | None
@@ -265,6 +266,13 @@ SETTINGS: dict[str, SettingSpec] = {
             "int",
             1024,
             "TCP connections still in their HTTP upgrade at once; more are dropped (slowloris).",
+            check=_at_least(1),
+        ),
+        SettingSpec(
+            "backlog",
+            "int",
+            2048,
+            "Connections the kernel queues before the server accepts them (capped by net.core.somaxconn).",
             check=_at_least(1),
         ),
         SettingSpec("hook_timeout", "float", 5.0, "Seconds a Python hook may take.", check=_positive),

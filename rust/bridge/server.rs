@@ -109,6 +109,9 @@ impl PyServer {
         if let Some(v) = setting(settings, "max_pending_handshakes")? {
             config.max_pending_handshakes = v;
         }
+        if let Some(v) = setting(settings, "backlog")? {
+            config.backlog = v;
+        }
         if let Some(v) = setting(settings, "rate_limit")? {
             config.rate_limit = v;
         }
