@@ -105,3 +105,13 @@ def raw_websocket(server: fastws.Server) -> socket.socket:
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 101")
     return sock
+
+
+def masked_frame(first_byte: int, payload: bytes) -> bytes:
+    """One client frame (masked, as RFC 6455 requires of clients) for a :func:`raw_websocket`."""
+    mask = os.urandom(4)
+    length = len(payload)
+    header = bytes([first_byte]) + (
+        bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    )
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))

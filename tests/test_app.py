@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
 import time
 
 import pytest
-from conftest import StartServer, client
+import websockets
+from conftest import StartServer, client, masked_frame, raw_websocket
 
 import fastws
 
@@ -77,6 +79,56 @@ def test_push_refuses_what_cannot_be_delivered(start_server: StartServer) -> Non
     with pytest.raises(TypeError):
         fastws.push("news", {"when": object()})
     assert fastws.push("news", {"nobody": "listens"}) == 0
+
+
+async def test_a_burst_of_pushes_arrives_complete_and_in_order_at_every_subscriber(start_server: StartServer) -> None:
+    # push() only queues: the fan-out runs on the server's threads, and must keep the caller's order.
+    server = start_server()
+    count = 5_000
+    async with client(server) as a, client(server) as b:
+        await a.subscribe("news")
+        await b.subscribe("news")
+
+        def burst() -> list[int]:
+            return [fastws.push("news", {"n": n}) for n in range(count)]
+
+        returned = await asyncio.to_thread(burst)
+        assert returned == [2] * count
+        for c in (a, b):
+            assert [(await c.recv())["data"]["n"] for _ in range(count)] == list(range(count))
+        await a.nothing()
+
+
+async def test_stop_delivers_the_queued_pushes_before_going_away(start_server: StartServer) -> None:
+    # 300 subscribers that never read make the fan-out lag well behind the caller, so stop() comes while most
+    # pushes are still queued; they must still reach the reading client before its 1001.
+    server = start_server(max_connections=1000)
+    count = 2_000
+    silent = []
+    subscribe = masked_frame(0x81, json.dumps({"event": "subscribe", "data": {"channel": "news"}}).encode())
+    for _ in range(300):
+        sock = await asyncio.to_thread(raw_websocket, server)
+        sock.sendall(subscribe)
+        silent.append(sock)
+    try:
+        async with client(server) as c:
+            await c.subscribe("news")
+            while server.channel_stats("news")["subscribers"] < 301:
+                await asyncio.sleep(0.01)
+
+            def push_then_stop() -> None:
+                for n in range(count):
+                    server.push("news", {"n": n})
+                server.stop()
+
+            await asyncio.to_thread(push_then_stop)
+            assert [(await c.recv())["data"]["n"] for _ in range(count)] == list(range(count))
+            with pytest.raises(websockets.exceptions.ConnectionClosedOK) as closed:
+                await c.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 async def test_to_user_reaches_no_connection_in_open_mode(start_server: StartServer) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client, StartServer, client, push, raw_websocket
+from conftest import Client, StartServer, client, masked_frame, push, raw_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
@@ -181,15 +181,6 @@ async def test_a_ping_frame_flood_is_rate_limited_too(start_server: StartServer)
         assert await asyncio.to_thread(flood_until_closed) == 1008
         sock.close()
         await keeps_receiving(good, "news")
-
-
-def masked_frame(first_byte: int, payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    length = len(payload)
-    header = bytes([first_byte]) + (
-        bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + length.to_bytes(2, "big")
-    )
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def close_code(sock: socket.socket) -> int:

@@ -59,10 +59,12 @@ class NativeServer:
         """How this node reaches the others: ``"memory"`` (alone) or ``"redis (<url>, prefix <p>, node <id>)"``."""
 
     def push(self, channel: str, payload: bytes, exclude: str | None = None) -> int:
-        """Deliver ``payload`` (JSON bytes) to the channel's subscribers on every node, except socket ``exclude``.
+        """Queue ``payload`` (JSON bytes) for the channel's subscribers on every node, except socket ``exclude``.
+
+        The fan-out runs on the server's threads; the call waits only when 65,536 pushes are already queued.
 
         Returns:
-            How many subscribers on this node it was queued for (other nodes get it through Redis, uncounted).
+            How many subscribers this node has for it now (other nodes get it through Redis, uncounted).
 
         Raises:
             ValueError: invalid channel name, or the payload is not JSON.
@@ -74,7 +76,7 @@ class NativeServer:
         """The JWT algorithms the core accepts: the configured ones whose key family is configured."""
 
     def push_to_user(self, user_id: str, payload: bytes) -> int:
-        """Deliver ``payload`` (JSON bytes) to a user's connections on every node; returns how many on this node.
+        """Queue ``payload`` (JSON bytes) for a user's connections on every node; returns how many on this node.
 
         Raises:
             ValueError: the payload is not JSON.

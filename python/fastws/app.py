@@ -372,7 +372,7 @@ class Server:
             exclude: A ``socket_id`` not to deliver to (the sender, in the "to others" case).
 
         Returns:
-            The number of subscribers on this node it was queued for. With ``redis_url`` the other nodes deliver
+            The number of subscribers this node has for it when called. With ``redis_url`` the other nodes deliver
             it too (through Redis, without waiting); they are not counted.
 
         Raises:
@@ -393,8 +393,8 @@ class Server:
     def push_to_user(self, user_id: int | str, payload: Any) -> int:
         """Send ``payload`` to every connection of a user, whatever channels they are on, on every node.
 
-        Delivered like a channel push without ``"channel"``. Returns how many connections on this node it was
-        queued for.
+        Delivered like a channel push without ``"channel"``. Returns how many connections this node has for the
+        user when called.
         """
         return self._require().push_to_user(str(user_id), encode_payload(payload))
 
@@ -449,7 +449,7 @@ class UserTarget:
         self._server, self.user_id = server, user_id
 
     def push(self, payload: Any) -> int:
-        """Send ``payload`` to every connection of this user; returns how many connections it was queued for.
+        """Send ``payload`` to every connection of this user; returns how many connections it is queued for.
 
         Connections get a user through authentication (JWT or an authenticate hook); in open mode none has one.
         """

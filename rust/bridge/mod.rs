@@ -4,4 +4,5 @@
 pub mod callbacks;
 pub mod logging;
 pub mod publisher;
+pub mod push_queue;
 pub mod server;

@@ -1,8 +1,9 @@
 //! `fastws._fastws.NativeServer`: the running server as Python sees it (start, stop, push, stats).
 //!
 //! Python's `fastws.Server` (app.py) wraps this class; the stub in `_fastws.pyi` documents it. Each call that can
-//! take time (stop joins the runtime thread; push walks subscriber lists; cluster reads wait for Redis) releases
-//! the GIL first.
+//! take time (stop joins the runtime thread; cluster reads wait for Redis; a push waiting for room in a full push
+//! queue) releases the GIL first. Pushes are queued for the runtime (bridge/push_queue.rs), never fanned out on
+//! the caller's thread.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -13,6 +14,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::auth::{Hooks, JwtSettings, JwtVerifier, OriginRule};
 use crate::bridge::callbacks::PyHooks;
+use crate::bridge::push_queue::{self, Push, PushQueue};
 use crate::broker::redis::RedisSettings;
 use crate::broker::BrokerError;
 use crate::config::{seconds, ChannelPatterns, ServerConfig};
@@ -23,7 +25,16 @@ use crate::server::{RunningServer, StartError};
 #[pyclass(name = "NativeServer", module = "fastws._fastws", frozen)]
 pub struct PyServer {
     config: ServerConfig,
-    running: Mutex<Option<RunningServer>>,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    server: RunningServer,
+    pushes: PushQueue,
+}
+
+fn not_running() -> PyErr {
+    PyRuntimeError::new_err("the server is not running")
 }
 
 /// One resolved setting, or None when it is absent or None (the Rust default then applies).
@@ -40,10 +51,25 @@ fn setting<'py, T: FromPyObjectOwned<'py>>(settings: &Bound<'py, PyDict>, name: 
 impl PyServer {
     fn hub(&self) -> PyResult<Arc<Hub>> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        running
-            .as_ref()
-            .map(|server| Arc::clone(server.hub()))
-            .ok_or_else(|| PyRuntimeError::new_err("the server is not running"))
+        running.as_ref().map(|running| Arc::clone(running.server.hub())).ok_or_else(not_running)
+    }
+
+    /// Queue a push for the runtime's fan-out task; returns `audience` (computed with the registry as it is now).
+    fn enqueue(&self, py: Python<'_>, push: Push, audience: impl FnOnce(&Hub) -> usize) -> PyResult<usize> {
+        let (count, full) = {
+            let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            let running = running.as_ref().ok_or_else(not_running)?;
+            let count = audience(running.server.hub());
+            match running.pushes.try_push(push) {
+                Ok(()) => return Ok(count),
+                Err(Err(push_queue::Closed)) => return Err(not_running()),
+                Err(Ok(full)) => (count, full),
+            }
+        };
+        // The fan-out is behind by a whole queue: wait for room without the server lock or the GIL.
+        let (push, sender) = full;
+        py.detach(|| push_queue::wait_for_room(&sender, push)).map_err(|push_queue::Closed| not_running())?;
+        Ok(count)
     }
 
     /// Run a cluster read on the server's runtime with the GIL released (a single node answers at once).
@@ -55,7 +81,7 @@ impl PyServer {
     {
         let (hub, runtime) = {
             let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-            let server = running.as_ref().ok_or_else(|| PyRuntimeError::new_err("the server is not running"))?;
+            let server = &running.as_ref().ok_or_else(not_running)?.server;
             (Arc::clone(server.hub()), server.runtime())
         };
         py.detach(|| runtime.block_on(read(hub))).map_err(|error| PyConnectionError::new_err(error.to_string()))
@@ -173,15 +199,20 @@ impl PyServer {
                 PyOSError::new_err(format!("cannot listen on {}:{}: {e}", self.config.host, self.config.port))
             }
         })?;
-        *running = Some(server);
+        let pushes = PushQueue::start(server.runtime(), Arc::clone(server.hub()));
+        *running = Some(Running { server, pushes });
         Ok(())
     }
 
-    /// Close every connection with 1001 "going away" and wait for the server threads to end. Idempotent.
+    /// Deliver the queued pushes, close every connection with 1001 "going away" and wait for the server threads
+    /// to end. Idempotent.
     fn stop(&self, py: Python<'_>) {
-        let server = self.running.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(mut server) = server {
-            py.detach(move || server.stop());
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(Running { mut server, pushes }) = running {
+            py.detach(move || {
+                pushes.close();
+                server.stop();
+            });
         }
     }
 
@@ -206,22 +237,21 @@ impl PyServer {
     #[getter]
     fn address(&self) -> PyResult<(String, u16)> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        let server = running.as_ref().ok_or_else(|| PyRuntimeError::new_err("the server is not running"))?;
-        let addr = server.local_addr();
+        let addr = running.as_ref().ok_or_else(not_running)?.server.local_addr();
         Ok((addr.ip().to_string(), addr.port()))
     }
 
-    /// Deliver `payload` (JSON bytes) to the channel's subscribers on every node; returns how many on this node it
-    /// was queued for.
+    /// Queue `payload` (JSON bytes) for the channel's subscribers on every node; returns how many subscribers this
+    /// node has for it now (what the fan-out will deliver to unless they leave first).
     #[pyo3(signature = (channel, payload, exclude = None))]
     fn push(&self, py: Python<'_>, channel: &str, payload: &[u8], exclude: Option<&str>) -> PyResult<usize> {
         protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
         let payload = std::str::from_utf8(payload)
             .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
-        let hub = self.hub()?;
         let frame = protocol::encode_publication(channel, payload, Origin::Server)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(py.detach(|| hub.broadcast(channel, &frame, exclude)))
+        let push = Push::Channel { name: channel.into(), frame, exclude: exclude.map(Into::into) };
+        self.enqueue(py, push, |hub| hub.audience(channel, exclude))
     }
 
     fn connection_count(&self) -> PyResult<usize> {
@@ -245,14 +275,14 @@ impl PyServer {
         channel_dict(py, &info)
     }
 
-    /// Deliver `payload` (JSON bytes) to every connection of a user on every node; returns how many on this node
-    /// it was queued for.
+    /// Queue `payload` (JSON bytes) for every connection of a user on every node; returns how many connections
+    /// this node has for the user now.
     fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &[u8]) -> PyResult<usize> {
         let payload = std::str::from_utf8(payload)
             .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
-        let hub = self.hub()?;
         let frame = protocol::encode_user_push(payload).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(py.detach(|| hub.broadcast_to_user(user_id, &frame)))
+        let push = Push::User { user_id: user_id.into(), frame };
+        self.enqueue(py, push, |hub| hub.user_audience(user_id))
     }
 
     /// The members of a presence channel: `[{"id", "info", "connected_at"}]` in arrival order.

@@ -104,7 +104,7 @@ pub async fn run<S>(
         session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     // Boxed like the write path: the closing handshake's futures are needed once, not for the task's lifetime.
-    Box::pin(finish(&mut ws, &end)).await;
+    Box::pin(finish(&mut ws, &mut rx, &end)).await;
     if let Some(hooks) = hooks {
         let disconnected = hooks.disconnected(&socket_id, end.code());
         tokio::spawn(async move {
@@ -119,7 +119,7 @@ pub async fn run<S>(
 }
 
 /// End the WebSocket: send our close frame and wait briefly for the client's, or flush the reply to theirs.
-async fn finish<S>(ws: &mut WebSocketStream<S>, end: &End)
+async fn finish<S>(ws: &mut WebSocketStream<S>, rx: &mut OutboxReceiver, end: &End)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -128,6 +128,15 @@ where
             CloseFrame { code: WireCloseCode::from(code as u16), reason: Utf8Bytes::from_static(code.reason()) };
         // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
         let _ = timeout(CLOSE_GRACE, async {
+            // The server is stopping: what was queued before the stop goes out first (within the same grace, so a
+            // client that stopped reading can't hold the stop up). Other closes are about this client, and drop it.
+            if code == CloseCode::GoingAway {
+                while let Some(Outgoing { frame, .. }) = rx.try_recv() {
+                    if ws.feed(Message::Text(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            }
             if ws.close(Some(frame)).await.is_ok() {
                 while let Some(Ok(_)) = ws.next().await {}
             }

@@ -370,6 +370,22 @@ impl Hub {
         queued
     }
 
+    /// How many local subscribers a publication to `name` would reach now (what `publish` would return).
+    pub fn audience(&self, name: &str, exclude: Option<&str>) -> usize {
+        let exclude = exclude.and_then(|socket_id| self.conn_id_of(socket_id));
+        let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        channels.get(name).map_or(0, |channel| {
+            let excluded = exclude.is_some_and(|id| channel.subscribers.contains_key(&id));
+            channel.subscribers.len() - usize::from(excluded)
+        })
+    }
+
+    /// How many local connections a push to this user would reach now (what `push_to_user` would return).
+    pub fn user_audience(&self, user_id: &str) -> usize {
+        let users = self.users.read().unwrap_or_else(PoisonError::into_inner);
+        users.get(user_id).map_or(0, Vec::len)
+    }
+
     /// Deliver to this node's subscribers, then hand the publication to the broker for the other nodes.
     /// `exclude` is a socket id (of any node). Returns how many local subscribers it was queued for.
     pub fn broadcast(&self, name: &str, frame: &Utf8Bytes, exclude: Option<&str>) -> usize {
