@@ -49,7 +49,11 @@ pub struct PushQueue {
 impl PushQueue {
     /// Start the fan-out task on `runtime`.
     pub fn start(runtime: tokio::runtime::Handle, hub: Arc<Hub>) -> Self {
-        let (sender, receiver) = mpsc::channel(CAPACITY);
+        Self::with_capacity(runtime, hub, CAPACITY)
+    }
+
+    fn with_capacity(runtime: tokio::runtime::Handle, hub: Arc<Hub>, capacity: usize) -> Self {
+        let (sender, receiver) = mpsc::channel(capacity);
         let task = runtime.spawn(fan_out(receiver, hub));
         PushQueue { sender, task, runtime }
     }
@@ -94,5 +98,29 @@ async fn fan_out(mut receiver: mpsc::Receiver<Push>, hub: Arc<Hub>) {
                 tokio::task::yield_now().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_push() -> Push {
+        Push::User { user_id: "ana".into(), frame: Utf8Bytes::from_static("{}") }
+    }
+
+    #[test]
+    fn a_full_queue_makes_the_caller_wait_until_the_fan_out_catches_up() {
+        // A current-thread runtime runs the fan-out task only inside block_on: until then the queue fills up.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let queue = PushQueue::with_capacity(runtime.handle().clone(), Arc::new(Hub::new(1)), 2);
+        assert!(queue.try_push(user_push()).is_ok());
+        assert!(queue.try_push(user_push()).is_ok());
+        let Err(Ok((third, sender))) = queue.try_push(user_push()) else { panic!("the queue should be full") };
+        let caller = std::thread::spawn(move || wait_for_room(&sender, third));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!caller.is_finished(), "the caller should wait while the queue is full");
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+        assert!(caller.join().unwrap().is_ok(), "the fan-out ran, so the caller's push found room");
     }
 }
