@@ -7,7 +7,7 @@ PYTHON ?= python3
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help bench bench-quick bench-docs bench-smoke
+.PHONY: help bench bench-quick bench-docs bench-smoke bench-cluster
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,3 +23,6 @@ bench-docs: ## Regenerate docs/benchmarks.md and docs/img/bench-*.png from bench
 
 bench-smoke: ## Build the load generator and run `loadgen smoke` against a fresh fastws server
 	$(PYTHON) benches/run.py --smoke $(BENCH_ARGS)
+
+bench-cluster: ## Cross-node fan-out: 10,000 subscribers on 1 node vs 3 nodes + Redis, twice (~8 min); benches/results/<date>-cluster.json
+	BENCH_COMMAND='make bench-cluster' $(PYTHON) benches/cluster.py $(BENCH_ARGS)

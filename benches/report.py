@@ -2,6 +2,8 @@
 
     benches/.venv/bin/python benches/report.py        # (make bench-docs) the latest full run and the latest quick run
 
+It also shows the latest cluster run (benches/cluster.py, `make bench-cluster`), when one is committed.
+
 Each figure is the better of the repeated runs of a case (highest throughput, lowest latency or memory), and the
 other run is shown beside it as a spread. Ratios are always this server's figure divided by fastws's (1 worker,
 pinned). Needs matplotlib for the charts (the bench venv has it); without it the page is written without charts.
@@ -455,6 +457,103 @@ def section(run: Run, title: str, prefix: str, intro: str) -> list[str]:
     return out
 
 
+CLUSTER_ORDER = ["1-node", "1-node-redis", "3-nodes"]
+CLUSTER_LABEL = {"1-node": "1 node", "1-node-redis": "1 node + Redis", "3-nodes": "3 nodes + Redis"}
+
+
+def node_cpu(record: dict[str, Any]) -> str:
+    """The nodes' CPU together, in % of one core, and each node's when there are several."""
+    d = record["data"]
+    each = d.get("server_cpu_util_each")
+    return pct(d.get("server_cpu_util")) + (f" ({', '.join(pct(e) for e in each)})" if each else "")
+
+
+def redis(key: str, digits: int) -> Any:
+    """A cell formatter for one of Redis' per-publication figures (— for a node without Redis)."""
+
+    def fmt(record: dict[str, Any]) -> str:
+        value = (record.get("redis_cost") or {}).get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "—"
+
+    return fmt
+
+
+def redis_cpu(record: dict[str, Any]) -> str:
+    """Redis' CPU during the run, in % of one core, with a decimal: it is well under 1% at these rates."""
+    value = (record.get("redis_cost") or {}).get("cpu_util")
+    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "—"
+
+
+def cluster_table(run: Run) -> list[str]:
+    """One row per case × configuration; every cell shows each repetition (`run 1 / run 2`), not only the better
+    one: with every process on two shared cores, the spread matters as much as the figure."""
+    configs = [c for c in CLUSTER_ORDER if c in run.doc.get("servers", {})]
+    out = [
+        "| case | configuration | deliveries/s | published/s | latency p50 ms | latency p99 ms | loss "
+        "| PUBLISH per publication | Redis messages per publication | Redis CPU "
+        "| nodes' CPU (each node) | other CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cells(records: list[dict[str, Any]], fmt: Any) -> str:
+        return " / ".join(fmt(r) for r in records) or "—"
+
+    for row in run.rows:
+        for config in configs:
+            records = sorted(
+                (r for r in run.groups.get((row, config), []) if r.get("data")), key=lambda r: r.get("rep", 0)
+            )
+            if not records:
+                continue
+            out.append(
+                f"| {row} | {CLUSTER_LABEL.get(config, config)} "
+                f"| {cells(records, lambda r: si(r['data'].get('delivered_per_s')))} "
+                f"| {cells(records, lambda r: si(r['data'].get('published_per_s')))} "
+                f"| {cells(records, lambda r: ms(get(r['data'], 'latency_ms.p50')))} "
+                f"| {cells(records, lambda r: ms(get(r['data'], 'latency_ms.p99')))} "
+                f"| {cells(records, lambda r: str(r['data'].get('loss')))} "
+                f"| {cells(records, redis('publish_calls_per_publication', 3))} "
+                f"| {cells(records, redis('messages_per_publication', 2))} "
+                f"| {cells(records, redis_cpu)} "
+                f"| {cells(records, node_cpu)} "
+                f"| {cells(records, lambda r: other_cpu(r['data']))} |"
+            )
+    return out
+
+
+def cluster_section(run: Run) -> list[str]:
+    m = run.doc.get("machine", {})
+    v = run.doc.get("versions", {})
+    cfg = run.doc.get("config", {})
+    src = v.get("fastws_source") or {}
+    issues = problems(run)
+    out = [
+        "## Cluster: cross-node fan-out (`make bench-cluster`)",
+        "",
+        f"One channel, {cfg.get('subscribers', 0):,} subscribers, on one node and on three nodes sharing one Redis "
+        "(subscribers spread round robin, the publisher on node 1). The method, the figures and what they mean are "
+        "in [scaling.md, Performance](scaling.md#performance); the table is regenerated from "
+        f"`{run.path.relative_to(ROOT)}`. Each cell shows both runs (`run 1 / run 2`).",
+        "",
+        *cluster_table(run),
+        "",
+        f"- Command: `{run.doc.get('command')}`; started {run.doc.get('started')}, took "
+        f"{(run.doc.get('duration_s') or 0) / 60:.1f} min; {cfg.get('seconds', 0):g} s measured per run",
+        f"- Machine: {m.get('cores')} cores, {m.get('cpu_model')}, Linux {m.get('kernel')}; every node and Redis "
+        f"pinned to core {cfg.get('server_cpu')}, the generator to core {cfg.get('loadgen_cpu')}",
+        f"- fastws {v.get('fastws')} (commit {src.get('commit')}"
+        + (" plus uncommitted changes" if src.get("uncommitted_changes") else "")
+        + f"), {v.get('redis')}",
+        f"- Node: `{cfg.get('node')}`",
+        "",
+        "Failures and losses:",
+        "",
+        *(issues or ["- None."]),
+        "",
+    ]
+    return out
+
+
 HEADER = """# Benchmarks
 
 <!-- Generated by benches/report.py from benches/results/*.json: edit the generator, not this page. -->
@@ -470,6 +569,7 @@ make bench          # every case × server, twice (~22 min on a quiet machine): 
 make bench-quick    # fanout S=1000 W=16, 3 s, fastws + websockets; writes benches/results/<date>-quick.json
 make bench-docs     # regenerate this page and docs/img/bench-*.png from the committed results
 make bench-smoke    # build the generator and check it against a fresh fastws server (a few seconds)
+make bench-cluster  # 10,000 subscribers on 1 node vs 3 nodes + Redis (~8 min): benches/results/<date>-cluster.json
 ```
 
 Knobs: `python3 benches/run.py --servers fastws,node-ws --scenarios fanout-1k,idle-10k --repeat 1 --seconds 5`
@@ -577,6 +677,9 @@ def main() -> int:
             "**A quick run, not the full benchmark:** fan-out to 1,000 subscribers with a window of 16, "
             "3 s measured per run, fastws and one peer. It is the development check of the harness.",
         )
+    cluster = [r for r in runs if r.doc.get("kind") == "cluster" and r.doc.get("complete", True)]
+    if cluster:
+        out += cluster_section(max(cluster, key=lambda r: r.doc.get("started", "")))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(out).rstrip() + "\n")
     print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)

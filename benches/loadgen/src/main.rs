@@ -7,6 +7,10 @@
 //! only; a latency sample (every Nth message per subscriber) copies the frame's first bytes and finds the send time
 //! after `"t":` by a text search. Only loopback targets are accepted, every run is bounded in time, and the process
 //! exits when it is done.
+//!
+//! Several servers (the nodes of one cluster behind one Redis): `--url` takes a comma-separated list, subscribers
+//! are assigned to them round robin, and the publisher connects to `--publish-url` (default: the first URL), so a
+//! publication reaches the other nodes' subscribers only through the cluster's broker.
 
 mod report;
 mod ws;
@@ -25,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{spawn_local, JoinHandle};
 
-use report::{cpu_delta, json_list, percentile_ms, usage, Cores, Json};
+use report::{cpu_delta, json_list, percentile_ms, usage, Cores, Json, Servers};
 use ws::{After, Frame, Masker, Parser, Target};
 
 /// Slots of the outstanding-message ring: a window may not be larger.
@@ -58,8 +62,11 @@ scenarios
              few seconds; exit status 0 when every check passed, 1 when one failed (also: loadgen --smoke)
 
 common options
-  --url URL            loopback ws:// URL of the server under test (required)
-  --server-pid PID     read the server's CPU time and RSS from /proc (0: not reported)
+  --url URL[,URL...]   loopback ws:// URL of the server under test (required); several (the nodes of a cluster):
+                       subscribers and connections are spread over them round robin
+  --publish-url URL    where the publisher connects (default: the first --url)
+  --server-pid PID[,PID...]  read the servers' CPU time and RSS from /proc, summed, and each one when there are
+                       several (0 or absent: not reported)
   --src-ips LIST       loopback source addresses, round robin: 127.0.0.1,127.0.0.2 or 127.0.0.1-16
   --concurrency K      connections opened at once during set-up (default 200)
   --channel NAME       channel of fanout/latency/subscribe (default bench)
@@ -151,9 +158,8 @@ impl Opts {
             .collect()
     }
 
-    fn target(&self) -> Result<Target, String> {
-        let url = self.values.get("url").ok_or("--url is required")?;
-        let target = Target::parse(url)?;
+    fn target(&self, url: &str) -> Result<Target, String> {
+        let target = Target::parse(url.trim())?;
         Ok(match self.values.get("token") {
             Some(token) => target.with_query(&format!("token={token}")),
             None => target,
@@ -184,9 +190,16 @@ impl Opts {
 }
 
 struct Common {
-    target: Target,
+    /// Subscribers (and idle or connect-scenario connections) go to these round robin: connection i to
+    /// `targets[i % len]`.
+    targets: Vec<Target>,
+    /// `--url` as given, one entry per target, for the per-node counts in the report.
+    urls: Vec<String>,
+    publish_target: Target,
+    publish_url: String,
     srcs: Vec<Option<Ipv4Addr>>,
-    server_pid: u32,
+    /// Processes whose CPU and RSS are reported (summed); empty: not reported.
+    server_pids: Vec<u32>,
     concurrency: usize,
     channel: String,
     tag: Option<String>,
@@ -194,10 +207,20 @@ struct Common {
 
 impl Common {
     fn new(opts: &Opts) -> Result<Common, String> {
+        let url = opts.values.get("url").ok_or("--url is required")?;
+        let urls: Vec<String> = url.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+        let targets = urls.iter().map(|u| opts.target(u)).collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = urls.first() else { return Err("--url lists no URL".into()) };
+        let publish_url = opts.str("publish-url", first);
+        let publish_target = opts.target(&publish_url)?;
+        let pids: Vec<u32> = opts.list("server-pid", "0")?;
         Ok(Common {
-            target: opts.target()?,
+            targets,
+            urls,
+            publish_target,
+            publish_url,
             srcs: opts.src_ips()?,
-            server_pid: opts.get("server-pid", 0u32)?,
+            server_pids: pids.into_iter().filter(|&pid| pid != 0).collect(),
             concurrency: opts.get("concurrency", 200usize)?.max(1),
             channel: opts.str("channel", "bench"),
             tag: opts.values.get("tag").cloned(),
@@ -210,6 +233,36 @@ impl Common {
             Some(tag) => j.str("tag", tag),
             None => j,
         }
+    }
+
+    /// The servers' CPU and RSS now (summed by `Servers::total`).
+    fn servers(&self) -> Servers {
+        Servers::now(&self.server_pids)
+    }
+
+    fn server_usage(&self) -> Option<report::Usage> {
+        self.servers().total()
+    }
+
+    /// Several servers only (a single one's line keeps its former fields): how many connections each URL got,
+    /// and each server's share of the CPU over `elapsed` seconds.
+    fn cluster_fields(&self, j: Json, per_target: &[u64], cpu: Option<(&Servers, &Servers, f64)>) -> Json {
+        let mut j = j;
+        if self.targets.len() > 1 {
+            let mut counts = BTreeMap::new();
+            for (url, n) in self.urls.iter().zip(per_target) {
+                *counts.entry(url.clone()).or_insert(0) += n;
+            }
+            j = j
+                .int("servers", self.targets.len() as u64)
+                .counts("subscribed_per_url", &counts)
+                .str("publish_url", &self.publish_url);
+        }
+        if let (true, Some((before, after, elapsed))) = (self.server_pids.len() > 1, cpu) {
+            let each: Vec<f64> = after.cpu_each_since(before).iter().map(|c| c / elapsed.max(1e-9)).collect();
+            j = j.raw("server_cpu_util_each", &json_list(&each));
+        }
+        j
     }
 }
 
@@ -573,6 +626,8 @@ async fn subscriber(
 struct OpenResult {
     handles: Vec<JoinHandle<()>>,
     failures: BTreeMap<String, u64>,
+    /// Subscribed connections per target (per `--url`), in the order given.
+    per_target: Vec<u64>,
     seconds: f64,
 }
 
@@ -589,12 +644,13 @@ async fn open_subscribers(
     let next = Rc::new(Cell::new(0usize));
     let handles = Rc::new(RefCell::new(Vec::with_capacity(n)));
     let failures = Rc::new(RefCell::new(BTreeMap::new()));
+    let per_target = Rc::new(RefCell::new(vec![0u64; common.targets.len()]));
     let mut workers = Vec::new();
     let progress_every = (n / 5).max(1000);
     for _ in 0..common.concurrency.min(n.max(1)) {
         let (hub, next, handles, failures, channel_of) =
             (Rc::clone(hub), Rc::clone(&next), Rc::clone(&handles), Rc::clone(&failures), Rc::clone(&channel_of));
-        let (target, srcs) = (common.target.clone(), common.srcs.clone());
+        let (targets, srcs, per_target) = (common.targets.clone(), common.srcs.clone(), Rc::clone(&per_target));
         workers.push(spawn_local(async move {
             loop {
                 let i = next.get();
@@ -606,7 +662,9 @@ async fn open_subscribers(
                     eprintln!("loadgen: {i}/{n} connections");
                 }
                 let src = srcs[i % srcs.len()];
-                let connected = tokio::time::timeout(Duration::from_secs(15), ws::connect(&target, src)).await;
+                // Round robin over the servers: 10,000 on three nodes is 3,334 + 3,333 + 3,333.
+                let t = i % targets.len();
+                let connected = tokio::time::timeout(Duration::from_secs(15), ws::connect(&targets[t], src)).await;
                 let (stream, leftover) = match connected {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
@@ -629,7 +687,10 @@ async fn open_subscribers(
                     i as u32 ^ 0x9e37_79b9,
                 ));
                 match tokio::time::timeout(Duration::from_secs(15), rx).await {
-                    Ok(Ok(Ok(()))) => handles.borrow_mut().push(task),
+                    Ok(Ok(Ok(()))) => {
+                        handles.borrow_mut().push(task);
+                        per_target.borrow_mut()[t] += 1;
+                    }
                     Ok(Ok(Err(e))) => {
                         task.abort();
                         count(&failures, e);
@@ -647,13 +708,14 @@ async fn open_subscribers(
     }
     let handles = std::mem::take(&mut *handles.borrow_mut());
     let failures = std::mem::take(&mut *failures.borrow_mut());
-    OpenResult { handles, failures, seconds: started.elapsed().as_secs_f64() }
+    let per_target = std::mem::take(&mut *per_target.borrow_mut());
+    OpenResult { handles, failures, per_target, seconds: started.elapsed().as_secs_f64() }
 }
 
 /// The publisher: a connection whose replies are read (errors counted) while its write half publishes.
 async fn open_publisher(hub: &Rc<Hub>, common: &Common) -> Result<(OwnedWriteHalf, JoinHandle<()>), String> {
     let (stream, leftover) =
-        ws::connect(&common.target, common.srcs[0]).await.map_err(|e| format!("publisher: {e}"))?;
+        ws::connect(&common.publish_target, common.srcs[0]).await.map_err(|e| format!("publisher: {e}"))?;
     let (read, write) = stream.into_split();
     let hub = Rc::clone(hub);
     let reader = spawn_local(async move {
@@ -750,7 +812,7 @@ struct FanoutParams {
 async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String> {
     let hub = Hub::new(true, 0);
     let channel = common.channel.clone();
-    let idle_rss = usage(common.server_pid).map(|u| u.rss_bytes);
+    let idle_rss = common.server_usage().map(|u| u.rss_bytes);
     let channel_of: Rc<dyn Fn(usize) -> String> = Rc::new(move |_| channel.clone());
     let opened = open_subscribers(&hub, common, p.subscribers, channel_of, p.sample_every).await;
     eprintln!(
@@ -780,7 +842,8 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
 
         let live = hub.live.get();
         let (d0, s0, c0) = (hub.delivered.get(), publisher.seq, hub.completed.get());
-        let (server0, self0, cores0) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
+        let (servers0, self0, cores0) = (common.servers(), usage(std::process::id()), Cores::now());
+        let server0 = servers0.total();
         hub.samples.borrow_mut().clear();
         hub.sampling.set(true);
         let t0 = Instant::now();
@@ -788,9 +851,10 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
             drive(&hub, &mut publisher, &common.channel, load, t0 + Duration::from_secs_f64(p.seconds)).await?;
         let elapsed = t0.elapsed().as_secs_f64();
         let (d1, s1) = (hub.delivered.get(), publisher.seq);
-        let (server1, self1, cores1) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
+        let (servers1, self1, cores1) = (common.servers(), usage(std::process::id()), Cores::now());
+        let server1 = servers1.total();
         let drained = drain(&hub, publisher.seq, Duration::from_secs(10)).await;
-        let server2 = usage(common.server_pid);
+        let server2 = common.server_usage();
         hub.sampling.set(false);
         let d2 = hub.delivered.get();
         let mut samples = std::mem::take(&mut *hub.samples.borrow_mut());
@@ -813,6 +877,8 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
         j = j
             .num("seconds", elapsed, 3)
             .int("published", published)
+            // Every publication of this connection so far, warm-ups included: what a broker behind the server saw.
+            .int("published_total", publisher.seq)
             .num("published_per_s", published as f64 / elapsed, 1)
             .int("delivered", deliveries)
             .num("delivered_per_s", (d1 - d0) as f64 / elapsed, 0)
@@ -843,6 +909,7 @@ async fn fanout(common: &Common, p: &FanoutParams) -> Result<Vec<String>, String
             .int("subscribers_lost", live.saturating_sub(hub.live.get()))
             .counts("subscriber_endings", &*hub.endings.borrow())
             .int("publisher_errors", hub.publisher_errors.get());
+        let j = common.cluster_fields(j, &opened.per_target, Some((&servers0, &servers1, elapsed)));
         let line = j.finish();
         emit(line.clone());
         lines.push(line);
@@ -937,7 +1004,7 @@ struct IdleParams {
 
 async fn idle(common: &Common, p: &IdleParams) -> Result<String, String> {
     let hub = Hub::new(false, 0);
-    let before = usage(common.server_pid);
+    let before = common.server_usage();
     let channels = p.channels.max(1);
     let prefix = common.channel.clone();
     let channel_of: Rc<dyn Fn(usize) -> String> = Rc::new(move |i| format!("{prefix}.idle.{}", i % channels));
@@ -945,10 +1012,10 @@ async fn idle(common: &Common, p: &IdleParams) -> Result<String, String> {
     let connected = hub.live.get();
     eprintln!("loadgen: {connected} idle connections in {:.1} s", opened.seconds);
     tokio::time::sleep(Duration::from_secs_f64(p.settle)).await;
-    let after = usage(common.server_pid);
-    let cpu_hold0 = usage(common.server_pid);
+    let after = common.server_usage();
+    let cpu_hold0 = common.server_usage();
     tokio::time::sleep(Duration::from_secs_f64(p.hold)).await;
-    let cpu_hold1 = usage(common.server_pid);
+    let cpu_hold1 = common.server_usage();
     let still_connected = hub.live.get();
     // One publication per channel: every idle connection must get exactly one frame.
     let push_started = Instant::now();
@@ -967,7 +1034,7 @@ async fn idle(common: &Common, p: &IdleParams) -> Result<String, String> {
         (Some(b), Some(a)) => Some(a.rss_bytes as f64 - b.rss_bytes as f64),
         _ => None,
     };
-    let line = common
+    let j = common
         .json("idle")
         .int("connections_requested", p.connections as u64)
         .int("connections", connected)
@@ -984,8 +1051,8 @@ async fn idle(common: &Common, p: &IdleParams) -> Result<String, String> {
         .int("missed_push", still_connected.saturating_sub(answered))
         .num("push_seconds", push_seconds, 3)
         .int("publisher_errors", hub.publisher_errors.get())
-        .counts("subscriber_endings", &*hub.endings.borrow())
-        .finish();
+        .counts("subscriber_endings", &*hub.endings.borrow());
+    let line = common.cluster_fields(j, &opened.per_target, None).finish();
     emit(line.clone());
     reader.abort();
     for h in opened.handles {
@@ -1004,7 +1071,7 @@ struct ConnectParams {
 }
 
 async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, String> {
-    let (before, self0, cores0) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
+    let (before, self0, cores0) = (common.server_usage(), usage(std::process::id()), Cores::now());
     let started = Instant::now();
     let next = Rc::new(Cell::new(0usize));
     let ok = Rc::new(Cell::new(0u64));
@@ -1015,7 +1082,7 @@ async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, Str
     for w in 0..p.concurrency.clamp(1, p.connections.max(1)) {
         let (next, ok, clean, failures, latencies) =
             (Rc::clone(&next), Rc::clone(&ok), Rc::clone(&clean_closes), Rc::clone(&failures), Rc::clone(&latencies));
-        let (target, srcs, n) = (common.target.clone(), common.srcs.clone(), p.connections);
+        let (targets, srcs, n) = (common.targets.clone(), common.srcs.clone(), p.connections);
         workers.push(spawn_local(async move {
             let mut masker = Masker::new(w as u32 + 1);
             loop {
@@ -1025,20 +1092,22 @@ async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, Str
                 }
                 next.set(i + 1);
                 let t = Instant::now();
-                let (mut stream, leftover) =
-                    match tokio::time::timeout(Duration::from_secs(10), ws::connect(&target, srcs[i % srcs.len()]))
-                        .await
-                    {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            count(&failures, e.to_string());
-                            continue;
-                        }
-                        Err(_) => {
-                            count(&failures, "timeout".into());
-                            continue;
-                        }
-                    };
+                let (mut stream, leftover) = match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    ws::connect(&targets[i % targets.len()], srcs[i % srcs.len()]),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        count(&failures, e.to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        count(&failures, "timeout".into());
+                        continue;
+                    }
+                };
                 latencies.borrow_mut().push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 ok.set(ok.get() + 1);
                 // Close properly: send a close frame, wait (briefly) for the server's.
@@ -1074,7 +1143,7 @@ async fn connect_bench(common: &Common, p: &ConnectParams) -> Result<String, Str
         let _ = worker.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (after, self1, cores1) = (usage(common.server_pid), usage(std::process::id()), Cores::now());
+    let (after, self1, cores1) = (common.server_usage(), usage(std::process::id()), Cores::now());
     let mut latencies = std::mem::take(&mut *latencies.borrow_mut());
     latencies.sort_unstable();
     let handshakes = ok.get();

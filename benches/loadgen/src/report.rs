@@ -24,6 +24,34 @@ pub fn usage(pid: u32) -> Option<Usage> {
     Some(Usage { cpu_s: ticks / hz, rss_bytes: rss_kb * 1024 })
 }
 
+/// CPU and RSS of each server under test at one moment: several when the subscribers are spread over the nodes of
+/// a cluster, since the cluster's cost is what all of them spend together.
+#[derive(Clone, Debug)]
+pub struct Servers(Vec<Option<Usage>>);
+
+impl Servers {
+    pub fn now(pids: &[u32]) -> Servers {
+        Servers(pids.iter().map(|&pid| usage(pid)).collect())
+    }
+
+    /// The servers added up; None when no PID was given or one could not be read (a sum that silently left out
+    /// a node would understate the cost).
+    pub fn total(&self) -> Option<Usage> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.iter().try_fold(Usage { cpu_s: 0.0, rss_bytes: 0 }, |sum, u| {
+            let u = (*u)?;
+            Some(Usage { cpu_s: sum.cpu_s + u.cpu_s, rss_bytes: sum.rss_bytes + u.rss_bytes })
+        })
+    }
+
+    /// CPU seconds each server used since `before` (NaN for one that could not be read).
+    pub fn cpu_each_since(&self, before: &Servers) -> Vec<f64> {
+        self.0.iter().zip(&before.0).map(|(a, b)| cpu_delta(*b, *a).unwrap_or(f64::NAN)).collect()
+    }
+}
+
 /// Busy and total jiffies of each core, from /proc/stat (busy: everything but idle and iowait).
 #[derive(Clone, Debug, Default)]
 pub struct Cores(Vec<(u64, u64)>);
@@ -181,6 +209,18 @@ mod tests {
     fn json() {
         let j = Json::new().str("a", "x\"y").int("b", 2).num("c", f64::NAN, 2).bool("d", true).finish();
         assert_eq!(j, r#"{"a":"x\"y","b":2,"c":null,"d":true}"#);
+    }
+
+    #[test]
+    fn servers_add_up() {
+        let me = std::process::id();
+        let one = Servers::now(&[me]).total().expect("own /proc entry");
+        let two = Servers::now(&[me, me]).total().expect("own /proc entry");
+        // Two reads of the same process: about twice the RSS (not exactly, it may change between the reads).
+        assert!(two.rss_bytes > one.rss_bytes * 3 / 2);
+        assert!(Servers::now(&[]).total().is_none());
+        assert!(Servers::now(&[me, u32::MAX]).total().is_none());
+        assert_eq!(Servers::now(&[me, me]).cpu_each_since(&Servers::now(&[me, me])).len(), 2);
     }
 
     #[test]
