@@ -18,10 +18,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
@@ -309,8 +307,7 @@ async fn handle(
     }
     hub.stats.handshake(Handshake::Accepted);
     drop(pending);
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(websocket_config(&config))).await;
+    let ws = crate::conn::wire::WsConn::new(stream, leftover, config.max_message_size);
     // The request is kept only for lifecycle hooks that want to see it.
     let request = config.auth.hooks.as_ref().filter(|hooks| hooks.has_lifecycle()).map(|_| request);
     crate::conn::run(ws, user, request, hub, config, shutdown).await;
@@ -331,17 +328,6 @@ async fn refuse_handshake(stream: &mut TcpStream, hub: &Hub, remote_addr: Socket
 
 async fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
     let _ = Response::error(status, message).write(stream, false).await;
-}
-
-/// tungstenite's buffers, sized on purpose: its defaults (128 KiB read buffer allocated per connection, 128 KiB
-/// write target) would cost far more per idle connection than everything else fastws keeps for it.
-fn websocket_config(config: &ServerConfig) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(512)
-        .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(config.send_queue_bytes.max(64 * 1024))
-        .max_message_size(Some(config.max_message_size))
-        .max_frame_size(Some(config.max_message_size))
 }
 
 #[cfg(test)]

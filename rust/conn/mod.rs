@@ -6,19 +6,16 @@
 
 pub mod outbox;
 pub mod rate;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
-use tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
@@ -28,6 +25,7 @@ use crate::hub::{ChannelKind, Hub, Joining, MemberJoin};
 use crate::protocol::{self, Command, Origin, Refusal, Reply};
 use outbox::{ConnId, Outbox, OutboxReceiver, Outgoing};
 use rate::{RateLimiter, Verdict};
+use wire::{Incoming, ReadError, WsConn};
 
 /// Frames written per flush when the outbox holds a backlog: batching amortises the syscall.
 const MAX_BATCH_FRAMES: usize = 64;
@@ -62,7 +60,7 @@ impl End {
 /// Run a connection until it ends. The caller has completed the upgrade and counted the connection.
 /// `request` is given only when lifecycle hooks want it.
 pub async fn run<S>(
-    mut ws: WebSocketStream<S>,
+    mut ws: WsConn<S>,
     user: Option<Arc<User>>,
     request: Option<ConnectRequest>,
     hub: Arc<Hub>,
@@ -118,34 +116,38 @@ pub async fn run<S>(
     }
 }
 
-/// End the WebSocket: send our close frame and wait briefly for the client's, or flush the reply to theirs.
-async fn finish<S>(ws: &mut WebSocketStream<S>, rx: &mut OutboxReceiver, end: &End)
+/// End the WebSocket: send our close frame and wait briefly for the client's, or answer the client's close.
+async fn finish<S>(ws: &mut WsConn<S>, rx: &mut OutboxReceiver, end: &End)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if let End::Close(code) = *end {
-        let frame =
-            CloseFrame { code: WireCloseCode::from(code as u16), reason: Utf8Bytes::from_static(code.reason()) };
-        // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
-        let _ = timeout(CLOSE_GRACE, async {
-            // The server is stopping: what was queued before the stop goes out first (within the same grace, so a
-            // client that stopped reading can't hold the stop up). Other closes are about this client, and drop it.
-            if code == CloseCode::GoingAway {
-                while let Some(Outgoing { frame, .. }) = rx.try_recv() {
-                    if ws.feed(Message::Text(frame)).await.is_err() {
+    match *end {
+        End::Close(code) => {
+            // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
+            let _ = timeout(CLOSE_GRACE, async {
+                // The server is stopping: what was queued before the stop goes out first (within the same grace, so
+                // a client that stopped reading can't hold the stop up). Other closes are about this client.
+                if code == CloseCode::GoingAway {
+                    let mut queued = Vec::new();
+                    while let Some(Outgoing { frame, .. }) = rx.try_recv() {
+                        queued.push(frame);
+                    }
+                    let payloads: Vec<&[u8]> = queued.iter().map(|frame| frame.as_bytes()).collect();
+                    if ws.write_texts(&payloads).await.is_err() {
                         return;
                     }
                 }
-            }
-            if ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
-        .await;
-    } else {
-        // The client closed (or the socket failed): flush tungstenite's automatic close reply. Not `ws.close()`:
-        // that sends a new Close message, which tungstenite refuses once the peer has closed (SendAfterClosing).
-        let _ = timeout(CLOSE_GRACE, SinkExt::flush(ws)).await;
+                if ws.close(Some(code as u16), code.reason()).await.is_ok() {
+                    while !matches!(ws.next().await, Ok(Incoming::Close(_)) | Err(_)) {}
+                }
+            })
+            .await;
+        }
+        // The client closed first: echo its code, as RFC 6455 asks.
+        End::ClientClosed(code) => {
+            let _ = timeout(CLOSE_GRACE, ws.close(code, "")).await;
+        }
+        End::Dropped => {}
     }
 }
 
@@ -187,12 +189,7 @@ enum WriteStop {
 
 impl Session {
     /// The main loop, until the connection ends.
-    async fn serve<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        rx: &mut OutboxReceiver,
-        shutdown: &CancellationToken,
-    ) -> End
+    async fn serve<S>(&mut self, ws: &mut WsConn<S>, rx: &mut OutboxReceiver, shutdown: &CancellationToken) -> End
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -217,33 +214,51 @@ impl Session {
                         return match stop { WriteStop::Failed => End::Dropped, WriteStop::Close(code) => End::Close(code) };
                     }
                 }
-                message = ws.next() => {
+                incoming = ws.next() => {
                     last_heard = Instant::now();
                     pinged = false;
-                    match message {
-                        // Pings count too: tungstenite answers each with a pong, so a ping flood costs writes.
-                        Some(Ok(message @ (Message::Text(_) | Message::Binary(_) | Message::Ping(_)))) => {
-                            let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
-                            match verdict {
-                                Verdict::Accept => self.handle_data(&message),
-                                Verdict::Warn => self.refuse(&Refusal::new(
-                                    ErrorCode::RateLimited,
-                                    None,
-                                    format!(
-                                        "rate limited: at most {} messages/s (burst {}); messages are dropped, \
-                                         and the connection closes if this goes on for a second",
-                                        self.config.rate_limit, self.config.rate_burst
-                                    ),
-                                )),
-                                Verdict::Drop => {}
-                                Verdict::Close => return End::Close(CloseCode::PolicyViolation),
+                    let incoming = match incoming {
+                        Ok(Incoming::Close(code)) => return End::ClientClosed(code),
+                        // A pong only proves the client is alive.
+                        Ok(Incoming::Pong) => continue,
+                        Ok(incoming) => incoming,
+                        Err(ReadError::Gone) => return End::Dropped,
+                        Err(ReadError::Protocol(_)) => return End::Close(CloseCode::ProtocolError),
+                        Err(ReadError::TooBig) => return End::Close(CloseCode::TooBig),
+                        Err(ReadError::InvalidUtf8) => return End::Close(CloseCode::InvalidPayload),
+                    };
+                    // Pings count too: each costs a pong, so a ping flood costs writes.
+                    let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
+                    match verdict {
+                        Verdict::Accept => {}
+                        Verdict::Warn => {
+                            self.refuse(&Refusal::new(
+                                ErrorCode::RateLimited,
+                                None,
+                                format!(
+                                    "rate limited: at most {} messages/s (burst {}); messages are dropped, \
+                                     and the connection closes if this goes on for a second",
+                                    self.config.rate_limit, self.config.rate_burst
+                                ),
+                            ));
+                            continue;
+                        }
+                        Verdict::Drop => continue,
+                        Verdict::Close => return End::Close(CloseCode::PolicyViolation),
+                    }
+                    match incoming {
+                        Incoming::Text(text) => self.handle_text(&text),
+                        Incoming::Binary(data) => {
+                            self.hub.stats.received(data.len());
+                            let refusal = Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames");
+                            self.refuse(&refusal);
+                        }
+                        Incoming::Ping(payload) => {
+                            if Box::pin(ws.pong(&payload)).await.is_err() {
+                                return End::Dropped;
                             }
                         }
-                        Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame.map(|f| u16::from(f.code))),
-                        None => return End::Dropped,
-                        // tungstenite answers pings itself; a pong only proves the client is alive.
-                        Some(Ok(_)) => {}
-                        Some(Err(error)) => return close_code_for(&error).map_or(End::Dropped, End::Close),
+                        Incoming::Pong | Incoming::Close(_) => {}
                     }
                 }
                 Some((channel, decision)) = self.authorizations.next(), if !self.authorizations.is_empty() => {
@@ -260,26 +275,13 @@ impl Session {
                     }
                     if !heartbeat.is_zero() && silent >= heartbeat && !pinged {
                         pinged = true;
-                        if ws.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                        if Box::pin(ws.ping()).await.is_err() {
                             return End::Dropped;
                         }
                     }
                     timer.as_mut().reset(next_check(last_heard, pinged, heartbeat, idle));
                 }
             }
-        }
-    }
-
-    fn handle_data(&mut self, message: &Message) {
-        match message {
-            Message::Text(text) => self.handle_text(text),
-            Message::Binary(data) => {
-                self.hub.stats.received(data.len());
-                let refusal =
-                    Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames");
-                self.refuse(&refusal);
-            }
-            _ => {}
         }
     }
 
@@ -469,7 +471,7 @@ impl Drop for Session {
 
 /// Write `first` and whatever else is already queued, then flush once; raced against shutdown and overflow.
 async fn write_batch<S>(
-    ws: &mut WebSocketStream<S>,
+    ws: &mut WsConn<S>,
     rx: &mut OutboxReceiver,
     first: Outgoing,
     outbox: &Outbox,
@@ -481,23 +483,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let write = async {
-        let mut next = Some(first);
-        let mut frames = 0;
+        let mut batch = Vec::new();
         let mut timers = Vec::new();
+        let mut next = Some(first);
         while let Some(Outgoing { frame, timer }) = next {
-            let len = frame.len();
-            ws.feed(Message::Text(frame)).await?;
-            outbox.written(len);
             timers.extend(timer);
-            frames += 1;
-            next = if frames < MAX_BATCH_FRAMES { rx.try_recv() } else { None };
+            batch.push(frame);
+            next = if batch.len() < MAX_BATCH_FRAMES { rx.try_recv() } else { None };
         }
-        ws.flush().await?;
+        let payloads: Vec<&[u8]> = batch.iter().map(|frame| frame.as_bytes()).collect();
+        ws.write_texts(&payloads).await?;
+        for frame in &batch {
+            outbox.written(frame.len());
+        }
         // Written means flushed to the socket: only now does a sampled publish count this subscriber as done.
         for latency in timers.iter().filter_map(|timer| timer.written()) {
             hub.stats.observe_publish_latency(latency);
         }
-        Ok::<(), tungstenite::Error>(())
+        Ok::<(), std::io::Error>(())
     };
     // A write that cannot finish within the idle timeout means the peer stopped reading.
     let stall_limit = if idle_timeout.is_zero() { Duration::MAX } else { idle_timeout };
@@ -523,15 +526,5 @@ fn next_check(last_heard: Instant, pinged: bool, heartbeat: Duration, idle: Dura
         Instant::now() + heartbeat.max(Duration::from_secs(1))
     } else {
         next
-    }
-}
-
-/// The close code for a read error, or None when the socket is simply gone.
-fn close_code_for(error: &tungstenite::Error) -> Option<CloseCode> {
-    match error {
-        tungstenite::Error::Capacity(_) => Some(CloseCode::TooBig),
-        tungstenite::Error::Utf8(_) => Some(CloseCode::InvalidPayload),
-        tungstenite::Error::Protocol(_) => Some(CloseCode::ProtocolError),
-        _ => None,
     }
 }

@@ -1,0 +1,493 @@
+//! WebSocket framing on an upgraded socket (RFC 6455, server side): client frames in, server frames out.
+//!
+//! Why not tokio-tungstenite for this: an idle connection is most of what a server holds, and tungstenite keeps a
+//! read buffer, a write buffer and its codec state per connection for as long as it lives. Here a connection
+//! keeps no buffer while idle: reads go into one scratch buffer per worker thread, and only the bytes of a frame
+//! still in flight (or of a fragmented message) are copied into the connection's own `pending` buffer, which is
+//! released again once it is parsed. Writes take the outbox's shared payloads as they are: each frame's 2–10
+//! header bytes are built at write time and the whole batch goes out in one `writev`, with no copy into a
+//! per-connection buffer. tungstenite still does the handshake's accept key and provides `Utf8Bytes`.
+//!
+//! What is checked, as tungstenite did (and tests/test_robustness.py checks each one over a real socket):
+//! client frames must be masked, RSV bits zero, opcodes known, control frames short (≤ 125 bytes) and unfragmented,
+//! continuation frames only inside a fragmented message (→ 1002); a message larger than `max_message_size` → 1009,
+//! checked on the length header before its payload is read; text that is not UTF-8 → 1007.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Bytes read from a socket at once. One buffer per thread, shared by every connection the thread polls.
+const SCRATCH_SIZE: usize = 16 * 1024;
+/// A connection's `pending` buffer is kept between reads up to this capacity; a larger one is freed once drained.
+const KEEP_PENDING: usize = 1024;
+/// The longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
+const MAX_HEADER: usize = 14;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
+
+mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+
+/// A complete message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Bytes),
+    Pong,
+    /// The client's close frame, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+/// Why reading stopped.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The client broke the framing rules: close with 1002.
+    Protocol(&'static str),
+    /// A message over `max_message_size`: close with 1009.
+    TooBig,
+    /// A text message that is not UTF-8: close with 1007.
+    InvalidUtf8,
+    /// The socket failed or hit EOF: nothing can be sent any more.
+    Gone,
+}
+
+/// One upgraded connection's socket.
+pub struct WsConn<S> {
+    stream: S,
+    /// Bytes read and not yet parsed, from `start`: part of a frame, or frames after the one last returned.
+    pending: Vec<u8>,
+    start: usize,
+    /// The opcode and payload so far of a fragmented message.
+    fragments: Option<(u8, Vec<u8>)>,
+    max_message_size: usize,
+}
+
+/// One parsed frame header; the payload follows it in the buffer, already unmasked.
+struct Header {
+    fin: bool,
+    opcode: u8,
+    header_len: usize,
+    payload_len: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
+    /// `leftover`: bytes the client sent after its upgrade request, read with it.
+    pub fn new(stream: S, leftover: Vec<u8>, max_message_size: usize) -> Self {
+        WsConn { stream, pending: leftover, start: 0, fragments: None, max_message_size }
+    }
+
+    /// The next message or control frame. Cancel-safe: bytes read are kept in `self` until they are returned.
+    pub async fn next(&mut self) -> Result<Incoming, ReadError> {
+        loop {
+            if let Some(incoming) = self.parse_pending()? {
+                return Ok(incoming);
+            }
+            self.read_more().await?;
+        }
+    }
+
+    /// Read what the socket has into the thread's scratch buffer and append it to `pending`.
+    async fn read_more(&mut self) -> Result<(), ReadError> {
+        poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let mut buf = ReadBuf::new(scratch);
+                match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf)) {
+                    Ok(()) if !buf.filled().is_empty() => {
+                        self.pending.extend_from_slice(buf.filled());
+                        Poll::Ready(Ok(()))
+                    }
+                    _ => Poll::Ready(Err(ReadError::Gone)),
+                }
+            })
+        })
+        .await
+    }
+
+    /// Parse frames from `pending` until one completes a message (or is a control frame), or the bytes run out.
+    fn parse_pending(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            let Some(header) = parse_header(&self.pending[self.start..], self.max_message_size)? else {
+                self.compact();
+                return Ok(None);
+            };
+            let frame_start = self.start + header.header_len;
+            let frame_end = frame_start + header.payload_len;
+            if self.pending.len() < frame_end {
+                self.compact();
+                return Ok(None);
+            }
+            let mask: [u8; 4] = self.pending[frame_start - 4..frame_start].try_into().expect("4 bytes");
+            let payload = &mut self.pending[frame_start..frame_end];
+            unmask(payload, mask);
+            self.start = frame_end;
+            let payload = &self.pending[frame_start..frame_end];
+            let incoming = match header.opcode {
+                opcode::PING => Some(Incoming::Ping(Bytes::copy_from_slice(payload))),
+                opcode::PONG => Some(Incoming::Pong),
+                opcode::CLOSE => Some(Incoming::Close(close_code(payload)?)),
+                opcode::CONTINUATION => {
+                    let Some((_, data)) = &mut self.fragments else {
+                        return Err(ReadError::Protocol("a continuation frame outside a fragmented message"));
+                    };
+                    if data.len() + payload.len() > self.max_message_size {
+                        return Err(ReadError::TooBig);
+                    }
+                    data.extend_from_slice(payload);
+                    match self.fragments.take() {
+                        Some((opcode, data)) if header.fin => Some(message(opcode, data)?),
+                        unfinished => {
+                            self.fragments = unfinished;
+                            None
+                        }
+                    }
+                }
+                opcode => {
+                    if self.fragments.is_some() {
+                        return Err(ReadError::Protocol("a new message inside a fragmented one"));
+                    }
+                    if header.fin {
+                        Some(message(opcode, payload.to_vec())?)
+                    } else {
+                        self.fragments = Some((opcode, payload.to_vec()));
+                        None
+                    }
+                }
+            };
+            if let Some(incoming) = incoming {
+                if self.start == self.pending.len() {
+                    self.compact();
+                }
+                return Ok(Some(incoming));
+            }
+        }
+    }
+
+    /// Drop the parsed bytes; free a large buffer once it holds nothing, so an idle connection keeps none.
+    fn compact(&mut self) {
+        if self.start == self.pending.len() {
+            self.pending.clear();
+            if self.pending.capacity() > KEEP_PENDING {
+                self.pending = Vec::new();
+            }
+        } else if self.start > 0 {
+            self.pending.drain(..self.start);
+        }
+        self.start = 0;
+    }
+
+    /// Write text frames, one per payload, in as few `writev` calls as the socket allows.
+    pub async fn write_texts(&mut self, payloads: &[&[u8]]) -> io::Result<()> {
+        let mut headers = Vec::with_capacity(payloads.len() * 10);
+        let mut spans = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let start = headers.len();
+            push_header(&mut headers, opcode::TEXT, payload.len());
+            spans.push(start..headers.len());
+        }
+        let mut slices = Vec::with_capacity(payloads.len() * 2);
+        for (span, payload) in spans.into_iter().zip(payloads) {
+            slices.push(IoSlice::new(&headers[span]));
+            slices.push(IoSlice::new(payload));
+        }
+        self.write_all_vectored(&mut slices).await
+    }
+
+    /// Write one control frame (ping, pong or close).
+    pub async fn write_control(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut frame = Vec::with_capacity(2 + payload.len());
+        push_header(&mut frame, opcode, payload.len());
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await?;
+        self.stream.flush().await
+    }
+
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.write_control(opcode::PING, &[]).await
+    }
+
+    pub async fn pong(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.write_control(opcode::PONG, payload).await
+    }
+
+    /// Send a close frame: the code (none to echo a client close that had none) and a short reason.
+    pub async fn close(&mut self, code: Option<u16>, reason: &str) -> io::Result<()> {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        if let Some(code) = code {
+            payload.extend_from_slice(&code.to_be_bytes());
+            payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+        }
+        self.write_control(opcode::CLOSE, &payload).await
+    }
+
+    async fn write_all_vectored(&mut self, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+        while !slices.is_empty() {
+            let written = self.stream.write_vectored(slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, written);
+        }
+        self.stream.flush().await
+    }
+}
+
+/// The header at the start of `buf`, or None while it is incomplete. Checks what can be checked from it alone.
+fn parse_header(buf: &[u8], max_message_size: usize) -> Result<Option<Header>, ReadError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (first, second) = (buf[0], buf[1]);
+    let fin = first & 0x80 != 0;
+    let opcode = first & 0x0F;
+    if first & 0x70 != 0 {
+        return Err(ReadError::Protocol("reserved bits set without an extension"));
+    }
+    let is_control = opcode & 0x08 != 0;
+    match opcode {
+        opcode::CONTINUATION | opcode::TEXT | opcode::BINARY | opcode::CLOSE | opcode::PING | opcode::PONG => {}
+        _ => return Err(ReadError::Protocol("unknown opcode")),
+    }
+    let (length, length_bytes) = match second & 0x7F {
+        126 => {
+            let Some(bytes) = buf.get(2..4) else { return Ok(None) };
+            (u64::from(u16::from_be_bytes(bytes.try_into().expect("2 bytes"))), 2)
+        }
+        127 => {
+            let Some(bytes) = buf.get(2..10) else { return Ok(None) };
+            (u64::from_be_bytes(bytes.try_into().expect("8 bytes")), 8)
+        }
+        short => (u64::from(short), 0),
+    };
+    if is_control && (!fin || length > 125) {
+        return Err(ReadError::Protocol("control frames must be unfragmented and at most 125 bytes"));
+    }
+    if length > max_message_size as u64 {
+        return Err(ReadError::TooBig);
+    }
+    // After the size check, as tungstenite did: a huge unmasked frame gets 1009.
+    if second & 0x80 == 0 {
+        return Err(ReadError::Protocol("client frames must be masked"));
+    }
+    let header_len = 2 + length_bytes + 4;
+    if buf.len() < header_len {
+        return Ok(None);
+    }
+    debug_assert!(header_len <= MAX_HEADER);
+    Ok(Some(Header { fin, opcode, header_len, payload_len: length as usize }))
+}
+
+/// A complete data message.
+fn message(opcode: u8, data: Vec<u8>) -> Result<Incoming, ReadError> {
+    if opcode == opcode::TEXT {
+        String::from_utf8(data).map(Incoming::Text).map_err(|_| ReadError::InvalidUtf8)
+    } else {
+        Ok(Incoming::Binary(data))
+    }
+}
+
+/// The status code of a client's close frame: none, or two bytes and a UTF-8 reason.
+fn close_code(payload: &[u8]) -> Result<Option<u16>, ReadError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ReadError::Protocol("a close frame with a one-byte payload")),
+        [high, low, reason @ ..] => {
+            let code = u16::from_be_bytes([*high, *low]);
+            // RFC 6455 7.4: 1000-1003, 1007-1011 and 3000-4999 may be sent; 1004-1006, 1015 and others may not.
+            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            if !valid {
+                return Err(ReadError::Protocol("a close frame with an invalid status code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(ReadError::InvalidUtf8);
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// A server frame's header (never masked): FIN, the opcode and the payload length.
+fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(0x80 | opcode);
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+/// XOR the payload with the client's mask, a word at a time where it can.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = payload.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        let value = u32::from_ne_bytes((&*chunk).try_into().expect("4 bytes")) ^ word;
+        chunk.copy_from_slice(&value.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut frame = vec![first];
+        match payload.len() {
+            len @ 0..=125 => frame.push(0x80 | len as u8),
+            len @ 126..=65535 => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    /// Everything a server parses from `input` (written 3 bytes at a time, then EOF), up to the first error.
+    async fn read_all(input: Vec<u8>, max: usize) -> Vec<Result<Incoming, String>> {
+        let (mut client, server) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            // A few bytes at a time: frames arrive split at every possible point.
+            for chunk in input.chunks(3) {
+                if client.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut conn = WsConn::new(server, Vec::new(), max);
+        let mut out = Vec::new();
+        loop {
+            match conn.next().await {
+                Ok(incoming) => out.push(Ok(incoming)),
+                Err(ReadError::Gone) => return out,
+                Err(error) => {
+                    out.push(Err(format!("{error:?}")));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_split_anywhere_and_fragmented_come_out_whole() {
+        let mut input = client_frame(0x81, b"hello");
+        input.extend(client_frame(0x01, b"frag"));
+        input.extend(client_frame(0x89, b"p")); // a ping between fragments is allowed
+        input.extend(client_frame(0x80, "mented \u{e9}".as_bytes()));
+        input.extend(client_frame(0x82, &[0, 1, 2]));
+        input.extend(client_frame(0x81, &vec![b'x'; 300]));
+        input.extend(client_frame(0x88, &[0x03, 0xE8, b'b', b'y', b'e']));
+        let out = read_all(input, 1000).await;
+        assert_eq!(
+            out,
+            vec![
+                Ok(Incoming::Text("hello".into())),
+                Ok(Incoming::Ping(Bytes::from_static(b"p"))),
+                Ok(Incoming::Text("fragmented \u{e9}".into())),
+                Ok(Incoming::Binary(vec![0, 1, 2])),
+                Ok(Incoming::Text("x".repeat(300))),
+                Ok(Incoming::Close(Some(1000))),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn framing_violations_are_refused() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"\x81\x05hello".to_vec(), "Protocol"),            // unmasked
+            (client_frame(0xC1, b"x"), "Protocol"),             // RSV1
+            (client_frame(0x83, b"x"), "Protocol"),             // unknown opcode
+            (client_frame(0x09, b"x"), "Protocol"),             // fragmented ping
+            (client_frame(0x89, &[0; 126]), "Protocol"),        // long ping
+            (client_frame(0x80, b"x"), "Protocol"),             // continuation without a start
+            (client_frame(0x81, &[0xff, 0xfe]), "InvalidUtf8"), // not UTF-8
+            (client_frame(0x81, &[b'x'; 101]), "TooBig"),       // over max
+            (client_frame(0x88, &[0x03]), "Protocol"),          // one-byte close
+            (client_frame(0x88, &[0x03, 0xED]), "Protocol"),    // 1005 may not be sent
+            ([client_frame(0x01, b"a"), client_frame(0x81, b"b")].concat(), "Protocol"), // new message mid-fragment
+            ([client_frame(0x01, &[b'a'; 60]), client_frame(0x80, &[b'b'; 60])].concat(), "TooBig"),
+        ];
+        for (input, expected) in cases {
+            let out = read_all(input.clone(), 100).await;
+            let last = out.last().cloned_error();
+            assert!(last.starts_with(expected), "{input:?}: got {out:?}");
+        }
+        // A huge length header is refused before any payload is read.
+        let mut huge = vec![0x81, 0x80 | 127];
+        huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        assert!(read_all(huge, 100).await.last().cloned_error().starts_with("TooBig"));
+    }
+
+    trait LastError {
+        fn cloned_error(self) -> String;
+    }
+
+    impl LastError for Option<&Result<Incoming, String>> {
+        fn cloned_error(self) -> String {
+            match self {
+                Some(Err(error)) => error.clone(),
+                other => format!("no error: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn server_frames_are_written_unmasked_with_their_lengths() {
+        let (mut client, server) = tokio::io::duplex(1 << 12);
+        let mut conn = WsConn::new(server, Vec::new(), 1000);
+        let long = vec![b'y'; 70_000];
+        let expected_len = 2 + 2 + 4 + 200 + 10 + 70_000;
+        let reader = tokio::spawn(async move {
+            let mut read = vec![0; expected_len];
+            client.read_exact(&mut read).await.unwrap();
+            read
+        });
+        conn.write_texts(&[b"ab", &[b'z'; 200], &long]).await.unwrap();
+        let read = reader.await.unwrap();
+        assert_eq!(&read[..4], b"\x81\x02ab");
+        assert_eq!(&read[4..8], &[0x81, 126, 0, 200]);
+        assert_eq!(&read[208..218], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert!(read[218..].iter().all(|&b| b == b'y'));
+    }
+
+    #[test]
+    fn unmask_matches_the_bytewise_definition() {
+        let mask = [1, 2, 3, 4];
+        for len in 0..20 {
+            let original: Vec<u8> = (0..len as u8).collect();
+            let mut fast = original.clone();
+            unmask(&mut fast, mask);
+            let slow: Vec<u8> = original.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            assert_eq!(fast, slow);
+        }
+    }
+}
