@@ -230,16 +230,22 @@ impl Drop for PendingHandshake {
 }
 
 /// Run a connection's task so that a panic in it is logged and ends only that connection. Its guards (the
-/// connection slot, the hub subscriptions) are released while unwinding.
-async fn contain_panics<F: std::future::Future<Output = ()>>(task: F, remote_addr: SocketAddr) {
-    if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_owned());
-        log::error!("a connection task from {remote_addr} panicked and was closed: {message}");
-    }
+/// connection slot, the hub subscriptions) are released while unwinding. Not an `async fn`: that would keep the
+/// task's future twice (as its argument and inside catch_unwind), doubling every connection's task.
+fn contain_panics<F: std::future::Future<Output = ()>>(
+    task: F,
+    remote_addr: SocketAddr,
+) -> impl std::future::Future<Output = ()> {
+    std::panic::AssertUnwindSafe(task).catch_unwind().map(move |result| {
+        if let Err(panic) = result {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            log::error!("a connection task from {remote_addr} panicked and was closed: {message}");
+        }
+    })
 }
 
 /// Counts an open WebSocket connection for `max_connections` and stats; uncounts it however the task ends.
@@ -252,66 +258,106 @@ impl Drop for ConnectionSlot {
 }
 
 async fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     remote_addr: SocketAddr,
     pending: PendingHandshake,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
 ) {
+    // Boxed: the handshake's state (the request head, the auth hook's future) is several KiB and needed once. Left
+    // inline, it would size every connection task for its whole life, idle connections included.
+    let upgraded = Box::pin(upgrade(stream, remote_addr, pending, &hub, &config, &shutdown)).await;
+    let Some(Upgraded { stream, leftover, user, request, slot }) = upgraded else { return };
+    let ws = crate::conn::wire::WsConn::new(stream, leftover, config.max_message_size);
+    crate::conn::run(ws, user, request, hub, config, shutdown).await;
+    drop(slot);
+}
+
+/// A connection that completed its upgrade, and what its connection task needs from the handshake.
+struct Upgraded {
+    stream: TcpStream,
+    /// Bytes the client sent after its request head.
+    leftover: Vec<u8>,
+    user: Option<Arc<crate::auth::User>>,
+    /// Kept only for lifecycle hooks that want to see it.
+    request: Option<handshake::ConnectRequest>,
+    slot: ConnectionSlot,
+}
+
+/// Read the request head and answer it: plain HTTP, a refusal, or 101 Switching Protocols (then Some).
+async fn upgrade(
+    mut stream: TcpStream,
+    remote_addr: SocketAddr,
+    pending: PendingHandshake,
+    hub: &Arc<Hub>,
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+) -> Option<Upgraded> {
     let _ = stream.set_nodelay(true);
     let head = tokio::select! {
         head = timeout(config.handshake_timeout, handshake::read_head(&mut stream, remote_addr)) => head,
-        () = shutdown.cancelled() => return,
+        () = shutdown.cancelled() => return None,
     };
     let (request, leftover) = match head {
         Ok(Ok(head)) => head,
-        Ok(Err(HeadError::Disconnected)) => return,
-        Err(_) => return hub.stats.handshake(Handshake::Timeout),
+        Ok(Err(HeadError::Disconnected)) => return None,
+        Err(_) => {
+            hub.stats.handshake(Handshake::Timeout);
+            return None;
+        }
         Ok(Err(HeadError::BadRequest(message))) => {
-            return refuse_handshake(&mut stream, &hub, remote_addr, 400, message).await;
+            refuse_handshake(&mut stream, hub, remote_addr, 400, message).await;
+            return None;
         }
         Ok(Err(HeadError::TooLarge)) => {
             let message = "the request head is too large (8 KiB and 48 headers at most)";
-            return refuse_handshake(&mut stream, &hub, remote_addr, 431, message).await;
+            refuse_handshake(&mut stream, hub, remote_addr, 431, message).await;
+            return None;
         }
     };
     let accept_key = match handshake::route(&request) {
-        Err(message) => return refuse_handshake(&mut stream, &hub, remote_addr, 400, message).await,
-        Ok(Route::Http) => return http::serve(&mut stream, &request, leftover, &hub, &config).await,
+        Err(message) => {
+            refuse_handshake(&mut stream, hub, remote_addr, 400, message).await;
+            return None;
+        }
+        Ok(Route::Http) => {
+            http::serve(&mut stream, &request, leftover, hub, config).await;
+            return None;
+        }
         Ok(Route::Upgrade { accept_key }) => accept_key,
     };
     if let Err(refusal) = config.auth.origins.check(&request) {
-        return refuse_handshake(&mut stream, &hub, remote_addr, refusal.status, &refusal.message).await;
+        refuse_handshake(&mut stream, hub, remote_addr, refusal.status, &refusal.message).await;
+        return None;
     }
     // Authentication may wait for a Python hook: it runs off this task's thread and yields to shutdown.
     let user = tokio::select! {
         user = config.auth.authenticate(&request) => user,
-        () = shutdown.cancelled() => return,
+        () = shutdown.cancelled() => return None,
     };
     let user = match user {
         Ok(user) => user,
         Err(refusal) => {
-            return refuse_handshake(&mut stream, &hub, remote_addr, refusal.status, &refusal.message).await;
+            refuse_handshake(&mut stream, hub, remote_addr, refusal.status, &refusal.message).await;
+            return None;
         }
     };
-    let slot = ConnectionSlot(Arc::clone(&hub));
+    let slot = ConnectionSlot(Arc::clone(hub));
     if hub.connection_opened() > config.max_connections {
         // Uncount before answering: the client may see the 503 before this task would otherwise drop the slot.
         drop(slot);
         let message = "the server is at max_connections; try again later";
-        return refuse_handshake(&mut stream, &hub, remote_addr, 503, message).await;
+        refuse_handshake(&mut stream, hub, remote_addr, 503, message).await;
+        return None;
     }
     if handshake::write_switching_protocols(&mut stream, &accept_key).await.is_err() {
-        return;
+        return None;
     }
     hub.stats.handshake(Handshake::Accepted);
     drop(pending);
-    let ws = crate::conn::wire::WsConn::new(stream, leftover, config.max_message_size);
-    // The request is kept only for lifecycle hooks that want to see it.
     let request = config.auth.hooks.as_ref().filter(|hooks| hooks.has_lifecycle()).map(|_| request);
-    crate::conn::run(ws, user, request, hub, config, shutdown).await;
-    drop(slot);
+    Some(Upgraded { stream, leftover, user, request, slot })
 }
 
 /// Answer a refused handshake, count it by result and log it (one line, no per-message logging).
