@@ -281,7 +281,7 @@ struct Upgraded {
     leftover: Vec<u8>,
     user: Option<Arc<crate::auth::User>>,
     /// Kept only for lifecycle hooks that want to see it.
-    request: Option<handshake::ConnectRequest>,
+    request: Option<Box<handshake::ConnectRequest>>,
     slot: ConnectionSlot,
 }
 
@@ -356,7 +356,7 @@ async fn upgrade(
     }
     hub.stats.handshake(Handshake::Accepted);
     drop(pending);
-    let request = config.auth.hooks.as_ref().filter(|hooks| hooks.has_lifecycle()).map(|_| request);
+    let request = config.auth.hooks.as_ref().filter(|hooks| hooks.has_lifecycle()).map(|_| Box::new(request));
     Some(Upgraded { stream, leftover, user, request, slot })
 }
 

@@ -62,7 +62,7 @@ impl End {
 pub async fn run<S>(
     mut ws: WsConn<S>,
     user: Option<Arc<User>>,
-    request: Option<ConnectRequest>,
+    request: Option<Box<ConnectRequest>>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
@@ -90,7 +90,7 @@ pub async fn run<S>(
         user,
         subscriptions: Vec::new(),
         pending: Vec::new(),
-        authorizations: FuturesUnordered::new(),
+        authorizations: None,
         hub,
         config,
     };
@@ -166,7 +166,8 @@ struct Session {
     /// yet: the hub holds those. An unsubscribe meanwhile removes them.
     pending: Vec<Box<str>>,
     /// The authorize hooks in flight. They run off the connection task, which keeps serving meanwhile.
-    authorizations: FuturesUnordered<AuthorizationFuture>,
+    /// Created at the first authorization: an empty FuturesUnordered already holds two allocations.
+    authorizations: Option<FuturesUnordered<AuthorizationFuture>>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
 }
@@ -261,7 +262,7 @@ impl Session {
                         Incoming::Pong | Incoming::Close(_) => {}
                     }
                 }
-                Some((channel, decision)) = self.authorizations.next(), if !self.authorizations.is_empty() => {
+                Some((channel, decision)) = next_authorization(&mut self.authorizations), if self.authorizations.as_ref().is_some_and(|a| !a.is_empty()) => {
                     // A channel no longer pending was unsubscribed while its hook ran: the answer is moot.
                     if let Some(index) = self.pending.iter().position(|c| *c == channel) {
                         self.pending.swap_remove(index);
@@ -339,7 +340,7 @@ impl Session {
                 self.pending.push(channel.into());
                 let auth = self.config.auth.clone();
                 let channel: Box<str> = channel.into();
-                self.authorizations.push(Box::pin(async move {
+                self.authorizations.get_or_insert_with(FuturesUnordered::new).push(Box::pin(async move {
                     let decision = auth.authorize(&user, &channel).await;
                     (channel, Settled::Authorization(decision))
                 }));
@@ -393,7 +394,8 @@ impl Session {
             Joining::Waiting(released) => {
                 self.pending.push(channel.into());
                 let channel: Box<str> = channel.into();
-                self.authorizations.push(Box::pin(async move { (channel, Settled::Joined(released.await)) }));
+                let authorizations = self.authorizations.get_or_insert_with(FuturesUnordered::new);
+                authorizations.push(Box::pin(async move { (channel, Settled::Joined(released.await)) }));
             }
         }
     }
@@ -513,6 +515,13 @@ where
         () = shutdown.cancelled() => Err(WriteStop::Close(CloseCode::GoingAway)),
         () = outbox.overflowed() => Err(WriteStop::Close(CloseCode::SlowConsumer)),
     }
+}
+
+/// The next answered authorization (None, so the select branch is skipped, when there are none).
+async fn next_authorization(
+    authorizations: &mut Option<FuturesUnordered<AuthorizationFuture>>,
+) -> Option<(Box<str>, Settled)> {
+    authorizations.as_mut()?.next().await
 }
 
 /// When the heartbeat timer should next look at the connection.

@@ -24,8 +24,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Bytes read from a socket at once. One buffer per thread, shared by every connection the thread polls.
 const SCRATCH_SIZE: usize = 16 * 1024;
-/// A connection's `pending` buffer is kept between reads up to this capacity; a larger one is freed once drained.
-const KEEP_PENDING: usize = 1024;
 /// The longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
 const MAX_HEADER: usize = 14;
 
@@ -72,8 +70,8 @@ pub struct WsConn<S> {
     /// Bytes read and not yet parsed, from `start`: part of a frame, or frames after the one last returned.
     pending: Vec<u8>,
     start: usize,
-    /// The opcode and payload so far of a fragmented message.
-    fragments: Option<(u8, Vec<u8>)>,
+    /// The opcode and payload so far of a fragmented message (boxed: rare, and it would size every connection).
+    fragments: Option<Box<(u8, Vec<u8>)>>,
     max_message_size: usize,
 }
 
@@ -141,15 +139,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
                 opcode::PONG => Some(Incoming::Pong),
                 opcode::CLOSE => Some(Incoming::Close(close_code(payload)?)),
                 opcode::CONTINUATION => {
-                    let Some((_, data)) = &mut self.fragments else {
+                    let Some(fragments) = &mut self.fragments else {
                         return Err(ReadError::Protocol("a continuation frame outside a fragmented message"));
                     };
+                    let data = &mut fragments.1;
                     if data.len() + payload.len() > self.max_message_size {
                         return Err(ReadError::TooBig);
                     }
                     data.extend_from_slice(payload);
                     match self.fragments.take() {
-                        Some((opcode, data)) if header.fin => Some(message(opcode, data)?),
+                        Some(fragments) if header.fin => {
+                            let (opcode, data) = *fragments;
+                            Some(message(opcode, data)?)
+                        }
                         unfinished => {
                             self.fragments = unfinished;
                             None
@@ -163,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
                     if header.fin {
                         Some(message(opcode, payload.to_vec())?)
                     } else {
-                        self.fragments = Some((opcode, payload.to_vec()));
+                        self.fragments = Some(Box::new((opcode, payload.to_vec())));
                         None
                     }
                 }
@@ -177,13 +179,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         }
     }
 
-    /// Drop the parsed bytes; free a large buffer once it holds nothing, so an idle connection keeps none.
+    /// Drop the parsed bytes, and the buffer once it holds nothing, so an idle connection keeps none. (A busy one
+    /// pays a malloc per read for it, which is small next to the read's syscall.)
     fn compact(&mut self) {
         if self.start == self.pending.len() {
-            self.pending.clear();
-            if self.pending.capacity() > KEEP_PENDING {
-                self.pending = Vec::new();
-            }
+            self.pending = Vec::new();
         } else if self.start > 0 {
             self.pending.drain(..self.start);
         }
