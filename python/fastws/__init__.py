@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastws import app as _app
 from fastws._fastws import __version__
 from fastws.app import ChannelTarget, Server, UserTarget
 from fastws.client import Client, current_target
@@ -55,6 +56,9 @@ def push(channel: str, payload: Any, *, exclude: str | None = None) -> int:
     ``FASTWS_URL`` (see ``Client.push``, which says what the number returned counts on each route). Raises
     ``NotRunning`` when there is none of the three.
     """
+    server = _app._current  # the common case first: a module lookup, not current_target()'s import and checks
+    if server is not None:
+        return server.push(channel, payload, exclude=exclude)
     return current_target().push(channel, payload, exclude=exclude)
 
 

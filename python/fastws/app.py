@@ -380,7 +380,13 @@ class Server:
             TypeError: the payload is not JSON-serialisable.
             NotRunning: the server is not running.
         """
-        return self._require().push(channel, encode_payload(payload), exclude)
+        # The hot path of the API: no helper calls for the common payloads (a dict, or bytes already holding JSON).
+        native = self._native
+        if native is None:
+            native = self._require()
+        kind = type(payload)
+        data = orjson.dumps(payload) if kind is dict else payload if kind is bytes else encode_payload(payload)
+        return native.push(channel, data, exclude)
 
     def to_channel(self, name: str) -> ChannelTarget:
         """The seed's fluent form: ``server.to_channel("chat.room.1").push({...})``."""
