@@ -485,22 +485,16 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let write = async {
-        let mut batch = Vec::new();
-        let mut timers = Vec::new();
-        let mut next = Some(first);
-        while let Some(Outgoing { frame, timer }) = next {
-            timers.extend(timer);
-            batch.push(frame);
-            next = if batch.len() < MAX_BATCH_FRAMES { rx.try_recv() } else { None };
-        }
-        let payloads: Vec<&[u8]> = batch.iter().map(|frame| frame.as_bytes()).collect();
+        let mut batch = vec![first];
+        rx.try_recv_many(&mut batch, MAX_BATCH_FRAMES - 1);
+        let payloads: Vec<&[u8]> = batch.iter().map(|outgoing| outgoing.frame.as_bytes()).collect();
         ws.write_texts(&payloads).await?;
-        for frame in &batch {
-            outbox.written(frame.len());
-        }
-        // Written means flushed to the socket: only now does a sampled publish count this subscriber as done.
-        for latency in timers.iter().filter_map(|timer| timer.written()) {
-            hub.stats.observe_publish_latency(latency);
+        for outgoing in &batch {
+            outbox.written(outgoing.frame.len());
+            // Written means flushed to the socket: only now does a sampled publish count this subscriber as done.
+            if let Some(latency) = outgoing.timer.as_ref().and_then(|timer| timer.written()) {
+                hub.stats.observe_publish_latency(latency);
+            }
         }
         Ok::<(), std::io::Error>(())
     };
