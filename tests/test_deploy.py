@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,8 @@ class Proxy:
 StartProxy = Callable[[int], Proxy]
 
 
-@pytest.fixture
 def nginx_binary() -> str:
+    """Debian's nginx: CI must have it (.ci/run installs it); elsewhere the test is skipped without it."""
     if os.access(NGINX, os.X_OK):
         return NGINX
     if os.environ.get("CI"):
@@ -175,42 +175,41 @@ def nginx_binary() -> str:
     pytest.skip(f"{NGINX} is not installed (apt-get install nginx)")
 
 
-@pytest.fixture
-def start_nginx(nginx_binary: str, tmp_path: Path) -> Iterator[StartProxy]:
-    """Start nginx with the documented config in front of the fastws server on the given port; stopped after."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(fastws_port: int) -> Proxy:
-        assert not started, "one nginx per test"
-        directory = tmp_path / "nginx"
-        directory.mkdir()
-        cert, key = self_signed_certificate(directory)
-        port = free_port()
-        (directory / "fastws.conf").write_text(documented_config(fastws_port, port, cert, key, directory))
-        (directory / "nginx.conf").write_text(MAIN_CONF.format(tmp=directory))
-        with open(directory / "nginx.out", "wb") as out:
-            process = subprocess.Popen(
-                [nginx_binary, "-e", str(directory / "error.log"), "-p", f"{directory}/"]
-                + ["-c", str(directory / "nginx.conf"), "-g", "daemon off;"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(process)
-        proxy = Proxy(process, port, ssl.create_default_context(cafile=str(cert)), directory)
+@contextmanager
+def run_nginx(fastws_ports: list[int], directory: Path) -> Iterator[Proxy]:
+    """nginx with the documented config, every port in ``fastws_ports`` in its upstream (round robin); stopped
+    (only this nginx, by its PID) when the block ends. Used here and by tests/test_scaling.py's load balancer."""
+    binary = nginx_binary()
+    directory.mkdir()
+    cert, key = self_signed_certificate(directory)
+    port = free_port()
+    config = documented_config(fastws_ports[0], port, cert, key, directory)
+    upstream = "\n    ".join(f"server 127.0.0.1:{node};" for node in fastws_ports)
+    config = replace_exactly(config, rf"server 127\.0\.0\.1:{fastws_ports[0]};", upstream, 1)
+    (directory / "fastws.conf").write_text(config)
+    (directory / "nginx.conf").write_text(MAIN_CONF.format(tmp=directory))
+    with open(directory / "nginx.out", "wb") as out:
+        process = subprocess.Popen(
+            [binary, "-e", str(directory / "error.log"), "-p", f"{directory}/"]
+            + ["-c", str(directory / "nginx.conf"), "-g", "daemon off;"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    proxy = Proxy(process, port, ssl.create_default_context(cafile=str(cert)), directory)
+    try:
         deadline = time.monotonic() + 10
         while True:
             if process.poll() is not None:
                 pytest.fail(f"nginx exited with status {process.returncode}:\n{proxy.errors()}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return proxy
+                break
             except OSError:
                 if time.monotonic() > deadline:
                     pytest.fail(f"nginx is not listening on 127.0.0.1:{port} after 10 s:\n{proxy.errors()}")
                 time.sleep(0.05)
-
-    yield start
-    for process in started:  # only the nginx this test started, by its PID
+        yield proxy
+    finally:
         if process.poll() is None:
             process.terminate()
             try:
@@ -218,6 +217,17 @@ def start_nginx(nginx_binary: str, tmp_path: Path) -> Iterator[StartProxy]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Path) -> Iterator[StartProxy]:
+    """Start nginx with the documented config in front of the fastws server on the given port; stopped after."""
+    with ExitStack() as stack:
+
+        def start(fastws_port: int) -> Proxy:
+            return stack.enter_context(run_nginx([fastws_port], tmp_path / "nginx"))
+
+        yield start
 
 
 def test_deploy_md_shows_the_tested_nginx_conf() -> None:

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import jwt
 import pytest
 from click.testing import CliRunner
 from conftest import Client, StartServer, push
+from test_deploy import run_nginx
 from websockets.asyncio.client import connect
 
 import fastws
@@ -584,50 +584,12 @@ async def test_nodes_with_different_prefixes_share_one_redis(redis: Redis, start
 # -- behind a load balancer ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def balancer(ports: list[int], directory: Path) -> Iterator[tuple[int, ssl.SSLContext]]:
-    """docs/deploy/nginx.conf with every node in its upstream (round robin): (nginx's TLS port, a client context)."""
-    from test_deploy import MAIN_CONF, NGINX, documented_config, replace_exactly, self_signed_certificate
-
-    if not os.access(NGINX, os.X_OK):
-        if os.environ.get("CI"):
-            pytest.fail(f"{NGINX} is missing: .ci/run must install nginx")
-        pytest.skip(f"{NGINX} is not installed")
-    directory.mkdir()
-    cert, key = self_signed_certificate(directory)
-    port = free_port()
-    config = documented_config(ports[0], port, cert, key, directory)
-    upstream = "\n    ".join(f"server 127.0.0.1:{node};" for node in ports)
-    config = replace_exactly(config, rf"server 127\.0\.0\.1:{ports[0]};", upstream, 1)
-    (directory / "fastws.conf").write_text(config)
-    (directory / "nginx.conf").write_text(MAIN_CONF.format(tmp=directory))
-    command = [NGINX, "-e", str(directory / "error.log"), "-p", f"{directory}/", "-c", str(directory / "nginx.conf")]
-    with open(directory / "nginx.out", "wb") as out:
-        nginx = subprocess.Popen([*command, "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert nginx.poll() is None and time.monotonic() < deadline, (directory / "error.log").read_text()
-                time.sleep(0.05)
-        yield port, ssl.create_default_context(cafile=str(cert))
-    finally:  # only the nginx this test started, by its PID
-        nginx.terminate()
-        try:
-            nginx.wait(10)
-        except subprocess.TimeoutExpired:
-            nginx.kill()
-            nginx.wait(10)
-
-
 async def test_nginx_balances_two_nodes_and_clients_on_both_chat(
     redis: Redis, start_node: StartNode, tmp_path: Path
 ) -> None:
     a, b = start_node("a"), start_node("b")
-    with balancer([a.port, b.port], tmp_path / "nginx") as (port, tls):
+    with run_nginx([a.port, b.port], tmp_path / "nginx") as proxy:
+        port, tls = proxy.port, proxy.tls
         async with AsyncExitStack() as stack:
             clients: list[Client] = []
             for user in ("ana", "bob", "carl", "dora"):
