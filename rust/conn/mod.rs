@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod rate;
 pub mod wire;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
@@ -200,18 +201,22 @@ impl Session {
         let mut pinged = false;
         let timer = sleep_until(next_check(last_heard, pinged, heartbeat, idle));
         tokio::pin!(timer);
+        // Made once and kept registered: a fresh `cancelled()` per loop turn (and per write) registers and
+        // unregisters with the token's mutex-guarded waiter list each time, a cost on every delivery.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return End::Close(CloseCode::GoingAway),
+                () = &mut cancelled => return End::Close(CloseCode::GoingAway),
                 () = self.outbox.overflowed() => return End::Close(CloseCode::SlowConsumer),
                 frame = rx.recv() => {
                     // The session holds the sender, so the queue cannot close while it runs.
                     let Some(frame) = frame else { return End::Dropped };
                     let stall_limit = self.config.idle_timeout;
                     // Boxed: the write future is large and lives only while writing, so an idle task stays small.
-                    if let Err(stop) = Box::pin(write_batch(ws, rx, frame, &self.outbox, &self.hub, stall_limit, shutdown)).await {
+                    if let Err(stop) = Box::pin(write_batch(ws, rx, frame, &self.outbox, &self.hub, stall_limit, cancelled.as_mut())).await {
                         return match stop { WriteStop::Failed => End::Dropped, WriteStop::Close(code) => End::Close(code) };
                     }
                 }
@@ -479,7 +484,7 @@ async fn write_batch<S>(
     outbox: &Outbox,
     hub: &Hub,
     idle_timeout: Duration,
-    shutdown: &CancellationToken,
+    cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Result<(), WriteStop>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -506,7 +511,7 @@ where
             Ok(Err(_)) => Err(WriteStop::Failed),
             Err(_) => Err(WriteStop::Close(CloseCode::IdleTimeout)),
         },
-        () = shutdown.cancelled() => Err(WriteStop::Close(CloseCode::GoingAway)),
+        () = cancelled => Err(WriteStop::Close(CloseCode::GoingAway)),
         () = outbox.overflowed() => Err(WriteStop::Close(CloseCode::SlowConsumer)),
     }
 }
