@@ -265,6 +265,46 @@ def detail_tables(run: Run) -> list[str]:  # noqa: C901
                         f"| {d.get('all_delivered')} | {si(d.get('delivered_per_s'))} "
                         f"| {d.get('server_cpu_us_per_delivery')} | {mib(d.get('server_rss_bytes'))} |"
                     )
+        if scenario == "idle":
+            out += projection(run, rows)
+    return out
+
+
+# Kernel memory of one idle, subscribed server-side TCP socket on this machine (not in the process's RSS): the
+# growth of /proc/meminfo's Slab + the TCP buffer pages of /proc/net/sockstat while `loadgen idle` held 10,000
+# connections, halved because both ends of each loopback connection are on this machine. Measured 2026-11-26
+# with fastws (the figure depends on the kernel, not on the server); see the text it is printed with.
+KERNEL_BYTES_PER_SOCKET = 3634
+KERNEL_MEASURE = (
+    "Kernel: 3.6 KiB per idle subscribed TCP socket on this machine's kernel, the same for every server (with 10,000 "
+    "fastws connections held by `loadgen idle`, /proc/meminfo's Slab grew 73.7 MB for the 20,000 sockets of both "
+    "ends, and the TCP buffer pages of /proc/net/sockstat did not grow). Socket buffers of connections that are "
+    "sent to come on top, up to the kernel's tcp_wmem/tcp_rmem limits."
+)
+
+
+def projection(run: Run, rows: list[str]) -> list[str]:
+    """What 100,000 (and 1,000,000) idle connections would take, from the largest idle run measured here."""
+    row = max(rows, key=lambda r: int("".join(ch for ch in r if ch.isdigit()) or 0))
+    out = [
+        "",
+        f"Projection from **{row}** (the hard open-file limit here is 20,000 per process, so 100,000 "
+        "connections can't be held on this machine): server RSS before + bytes per connection × N, plus the "
+        "kernel's memory for each TCP socket, which is outside the process's RSS. " + KERNEL_MEASURE,
+        "",
+        "| server | per connection (process) | 100,000 connections: process | + kernel | 1,000,000: process + kernel |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for server in run.servers:
+        d, _ = run.best(row, server)
+        if d is None or not d.get("bytes_per_connection"):
+            continue
+        per, before = d["bytes_per_connection"], d.get("server_rss_before_bytes") or 0
+        kernel = KERNEL_BYTES_PER_SOCKET
+        out.append(
+            f"| {server} | {kib(per)} | {mib(before + per * 100_000)} | {mib(kernel * 100_000)} "
+            f"| {mib(before + (per + kernel) * 1_000_000)} |"
+        )
     return out
 
 
