@@ -58,13 +58,13 @@ from run import (
     LOADGEN_DIR,
     RESULTS,
     ROOT,
+    ManagedProcess,
     free_port,
     git_state,
     machine,
     parse_lines,
     rel,
     scrub,
-    server_env,
     tail,
     wait_quiet,
 )
@@ -267,53 +267,6 @@ def redis_cost(
 # Processes
 
 
-class Proc:
-    """A process started here and stopped by its PID (SIGTERM, then SIGKILL after 10 s)."""
-
-    def __init__(self, name: str, cmd: list[str], log_name: str) -> None:
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.log_path = LOGS / log_name
-        self.log_file = open(self.log_path, "w")
-        # No shell, and taskset execs the program: this PID is the server's own (CPU, RSS, and stop).
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
-        )
-        self.pid = self.proc.pid
-
-    def wait_port(self, port: int, timeout: float = 20.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                time.sleep(0.05)
-        return False
-
-    def stop(self) -> int | None:
-        """Returns the exit status if the process had already exited on its own (a crash), else None."""
-        crashed = self.proc.poll()
-        if crashed is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not stop within 10 s of SIGTERM; killing PID {self.pid}")
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log_file.close()
-        return crashed
-
-    def log_tail(self, chars: int = 1500) -> str:
-        try:
-            return scrub(self.log_path.read_text(errors="replace")[-chars:])
-        except OSError:
-            return ""
-
-
 def node_command(fastws: str, port: int, redis_url: str | None) -> list[str]:
     cmd = ["taskset", "-c", SERVER_CPU, fastws, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     cmd += ["--client-publish", "bench*", "--rate-limit", "0", "--log-level", "warning"]
@@ -477,7 +430,7 @@ def main() -> int:  # noqa: C901
 
     redis_port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    redis = Proc(
+    redis = ManagedProcess(
         "redis-server",
         ["taskset", "-c", SERVER_CPU, redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
         + ["--appendonly", "no", "--daemonize", "no"],
@@ -496,7 +449,7 @@ def main() -> int:  # noqa: C901
                 log(f"rep {rep}/{args.repeat} · {config}")
                 ports = [free_port() for _ in range(n_nodes)]
                 nodes = [
-                    Proc(
+                    ManagedProcess(
                         f"node {i + 1}",
                         node_command(fastws, port, redis_url if with_redis else None),
                         f"cluster-{label}-node{i + 1}.log",

@@ -151,33 +151,28 @@ SERVERS: dict[str, ServerSpec] = {
 }
 
 
-class RunningServer:
-    def __init__(self, spec: ServerSpec, extra: list[str] | None, label: str) -> None:
-        self.spec = spec
-        self.port = free_port()
-        self.command = spec.command(self.port, extra)
+class ManagedProcess:
+    """A process started here (no shell) and stopped by its PID: SIGTERM, then SIGKILL after 10 s. Its output goes
+    to a log file under benches/results/tmp. Also used by benches/cluster.py for Redis and the nodes."""
+
+    def __init__(self, name: str, cmd: list[str], log_name: str) -> None:
         LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{spec.name}-{label}.log"
+        self.name = name
+        self.log_path = LOGS / log_name
         self.log_file = open(self.log_path, "w")
         # Popen without a shell: taskset execs the server, so this PID is the server's own (CPU, RSS, and stop).
         self.proc = subprocess.Popen(
-            self.command,
-            cwd=ROOT,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            env=server_env(),
-            start_new_session=True,
+            cmd, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
         )
         self.pid = self.proc.pid
-        self.url = f"ws://127.0.0.1:{self.port}/"
 
-    def wait_ready(self, timeout: float = 20.0) -> bool:
+    def wait_port(self, port: int, timeout: float = 20.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 return True
             except OSError:
                 time.sleep(0.05)
@@ -187,15 +182,14 @@ class RunningServer:
         return self.proc.poll() is None
 
     def stop(self) -> int | None:
-        """Stop the server by its PID (SIGTERM, then SIGKILL after 10 s). Returns the exit status if it had already
-        exited on its own (a crash), else None."""
+        """Returns the exit status if the process had already exited on its own (a crash), else None."""
         crashed = self.proc.poll()
         if crashed is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                log(f"{self.spec.name} did not stop within 10 s of SIGTERM; killing PID {self.pid}")
+                log(f"{self.name} did not stop within 10 s of SIGTERM; killing PID {self.pid}")
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.log_file.close()
@@ -206,6 +200,18 @@ class RunningServer:
             return scrub(self.log_path.read_text(errors="replace")[-chars:])
         except OSError:
             return ""
+
+
+class RunningServer(ManagedProcess):
+    def __init__(self, spec: ServerSpec, extra: list[str] | None, label: str) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.command = spec.command(self.port, extra)
+        super().__init__(spec.name, self.command, f"{spec.name}-{label}.log")
+        self.url = f"ws://127.0.0.1:{self.port}/"
+
+    def wait_ready(self, timeout: float = 20.0) -> bool:
+        return self.wait_port(self.port, timeout)
 
 
 def server_env() -> dict[str, str]:
