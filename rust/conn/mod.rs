@@ -35,6 +35,8 @@ const DEMO_PUBLISH_PREFIX: &str = "demo.";
 const DEMO_PRESENCE_PREFIX: &str = "presence-demo.";
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a ping or pong may wait for room in the socket before the connection is dropped.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a connection ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -260,7 +262,8 @@ impl Session {
                             self.refuse(&refusal);
                         }
                         Incoming::Ping(payload) => {
-                            if Box::pin(ws.pong(&payload)).await.is_err() {
+                            // Bounded: a client that pings but never reads must not pin the task on its pong.
+                            if !matches!(timeout(CONTROL_WRITE_TIMEOUT, Box::pin(ws.pong(&payload))).await, Ok(Ok(()))) {
                                 return End::Dropped;
                             }
                         }
@@ -281,7 +284,7 @@ impl Session {
                     }
                     if !heartbeat.is_zero() && silent >= heartbeat && !pinged {
                         pinged = true;
-                        if Box::pin(ws.ping()).await.is_err() {
+                        if !matches!(timeout(CONTROL_WRITE_TIMEOUT, Box::pin(ws.ping())).await, Ok(Ok(()))) {
                             return End::Dropped;
                         }
                     }

@@ -73,6 +73,9 @@ pub struct WsConn<S> {
     /// The opcode and payload so far of a fragmented message (boxed: rare, and it would size every connection).
     fragments: Option<Box<(u8, Vec<u8>)>>,
     max_message_size: usize,
+    /// A write was cut off (its future dropped on a timeout, an overflow or a stop) after part of a frame went out:
+    /// the stream is mid-frame, so nothing more may be written (a close frame would be read as payload).
+    torn: bool,
 }
 
 /// One parsed frame header; the payload follows it in the buffer, already unmasked.
@@ -86,7 +89,7 @@ struct Header {
 impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     /// `leftover`: bytes the client sent after its upgrade request, read with it.
     pub fn new(stream: S, leftover: Vec<u8>, max_message_size: usize) -> Self {
-        WsConn { stream, pending: leftover, start: 0, fragments: None, max_message_size }
+        WsConn { stream, pending: leftover, start: 0, fragments: None, max_message_size, torn: false }
     }
 
     /// The next message or control frame. Cancel-safe: bytes read are kept in `self` until they are returned.
@@ -212,8 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         let mut frame = Vec::with_capacity(2 + payload.len());
         push_header(&mut frame, opcode, payload.len());
         frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).await?;
-        self.stream.flush().await
+        self.write_all_vectored(&mut [IoSlice::new(&frame)]).await
     }
 
     pub async fn ping(&mut self) -> io::Result<()> {
@@ -235,12 +237,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     }
 
     async fn write_all_vectored(&mut self, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+        if self.torn {
+            return Err(io::Error::other("an earlier write was cut off mid-frame"));
+        }
         while !slices.is_empty() {
             let written = self.stream.write_vectored(slices).await?;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             IoSlice::advance_slices(&mut slices, written);
+            // Dropped at the next await, this write would leave the stream mid-frame.
+            self.torn = !slices.is_empty();
         }
         self.stream.flush().await
     }
@@ -477,6 +484,24 @@ mod tests {
         assert_eq!(&read[4..8], &[0x81, 126, 0, 200]);
         assert_eq!(&read[208..218], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert!(read[218..].iter().all(|&b| b == b'y'));
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_off_mid_frame_refuses_further_writes() {
+        // A peer that reads nothing: 1 KiB of buffer, so a 4 KiB frame goes out in part and then waits.
+        let (_client, server) = tokio::io::duplex(1024);
+        let mut conn = WsConn::new(server, Vec::new(), 1000);
+        let big = vec![b'x'; 4096];
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), conn.write_texts(&[&big])).await;
+        assert!(cut.is_err(), "the write should still be waiting for the peer");
+        assert!(conn.close(Some(1000), "").await.is_err(), "a close frame now would land inside the data frame");
+        // A write dropped before any byte went out leaves the stream whole.
+        let (_client, server) = tokio::io::duplex(1024);
+        let mut conn = WsConn::new(server, Vec::new(), 1000);
+        conn.write_texts(&[&[b'y'; 1020]]).await.unwrap(); // 4 header bytes + 1,020: the buffer is full
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), conn.write_texts(&[&big])).await;
+        assert!(cut.is_err());
+        assert!(!conn.torn, "nothing of the second frame could be written");
     }
 
     #[test]
