@@ -62,10 +62,9 @@ from run import (
     free_port,
     git_state,
     machine,
-    parse_lines,
     rel,
+    run_generator,
     scrub,
-    tail,
     wait_quiet,
 )
 
@@ -274,24 +273,6 @@ def node_command(fastws: str, port: int, redis_url: str | None) -> list[str]:
     return cmd + (["--redis", redis_url] if redis_url else [])
 
 
-def run_generator(cmd: list[str], timeout: float) -> tuple[list[dict[str, Any]], str | None]:
-    log("$ " + " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # our own child, by its handle
-        out, err = proc.communicate()
-        return parse_lines(out), f"the generator ran past its {timeout:.0f} s limit and was killed; " + tail(err)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        return parse_lines(out), f"the generator exited with status {proc.returncode}: " + tail(err)
-    return parse_lines(out), None
-
-
 def row_of(line: dict[str, Any]) -> str:
     if line.get("scenario") == "fanout":
         return f"fanout S={line.get('subscribers_requested')} W={line.get('window')}"
@@ -478,7 +459,7 @@ def main() -> int:  # noqa: C901
                             before = redis_snapshot(control)
                             probe = Probe(redis_port, time.monotonic() + timeout)
                             probe.start()
-                        lines, error = run_generator(cmd, timeout)
+                        lines, error = run_generator(cmd, timeout, summarize_lines=False)
                         redis_data = None
                         if probe is not None and before is not None:
                             probe.stop.set()

@@ -433,7 +433,11 @@ def run_case(case: Case, spec: ServerSpec, rep: int, token: str | None, quiet_li
     return records
 
 
-def run_generator(cmd: list[str], timeout: float) -> tuple[list[dict[str, Any]], str | None]:
+def run_generator(
+    cmd: list[str], timeout: float, summarize_lines: bool = True
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Run the generator to the end (bounded by `timeout`); its JSON lines, and an error text when it failed.
+    benches/cluster.py passes summarize_lines=False and logs its own summaries."""
     log("$ " + " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -447,7 +451,7 @@ def run_generator(cmd: list[str], timeout: float) -> tuple[list[dict[str, Any]],
         proc.wait()
         raise
     lines = parse_lines(out)
-    for line in lines:
+    for line in lines if summarize_lines else []:
         log("  " + summarize(line))
     if proc.returncode != 0:
         return lines, f"the generator exited with status {proc.returncode}: " + tail(err)
