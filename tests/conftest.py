@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -115,3 +116,14 @@ def masked_frame(first_byte: int, payload: bytes) -> bytes:
         bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + length.to_bytes(2, "big")
     )
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Stop a process this test started, by its PID: SIGTERM, then SIGKILL if it is still there after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client, StartServer, push
+from conftest import Client, StartServer, push, stop_process
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -210,13 +210,7 @@ def run_nginx(fastws_ports: list[int], directory: Path) -> Iterator[Proxy]:
                 time.sleep(0.05)
         yield proxy
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 import pytest
 from click.testing import CliRunner
-from conftest import Client, StartServer, push
+from conftest import Client, StartServer, push, stop_process
 from test_deploy import run_nginx
 from websockets.asyncio.client import connect
 
@@ -95,13 +95,8 @@ class Redis:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process)
 
 
 @pytest.fixture
@@ -196,13 +191,7 @@ def start_node(redis: Redis, tmp_path: Path) -> Iterator[StartNode]:
 
     yield start
     for process in started:  # only the processes this test started, by PID
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
 
 
 @pytest.fixture
