@@ -40,6 +40,13 @@ pub enum Push {
 #[derive(Debug)]
 pub struct Closed;
 
+/// Why [`PushQueue::try_push`] did not queue a push.
+pub enum NotQueued {
+    /// The queue is full: the push comes back with a sender to wait on ([`wait_for_room`], without the GIL).
+    Full(Push, mpsc::Sender<Push>),
+    Closed,
+}
+
 pub struct PushQueue {
     sender: mpsc::Sender<Push>,
     task: JoinHandle<()>,
@@ -58,14 +65,12 @@ impl PushQueue {
         PushQueue { sender, task, runtime }
     }
 
-    /// Queue without waiting; when the queue is full the push comes back with a sender to wait on
-    /// ([`wait_for_room`], to be called without the GIL).
-    pub fn try_push(&self, push: Push) -> Result<(), Result<(Push, mpsc::Sender<Push>), Closed>> {
-        match self.sender.try_send(push) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(push)) => Err(Ok((push, self.sender.clone()))),
-            Err(TrySendError::Closed(_)) => Err(Err(Closed)),
-        }
+    /// Queue without waiting.
+    pub fn try_push(&self, push: Push) -> Result<(), NotQueued> {
+        self.sender.try_send(push).map_err(|error| match error {
+            TrySendError::Full(push) => NotQueued::Full(push, self.sender.clone()),
+            TrySendError::Closed(_) => NotQueued::Closed,
+        })
     }
 
     /// Stop taking pushes and wait (bounded) until the queued ones are delivered.
@@ -116,7 +121,9 @@ mod tests {
         let queue = PushQueue::with_capacity(runtime.handle().clone(), Arc::new(Hub::new(1)), 2);
         assert!(queue.try_push(user_push()).is_ok());
         assert!(queue.try_push(user_push()).is_ok());
-        let Err(Ok((third, sender))) = queue.try_push(user_push()) else { panic!("the queue should be full") };
+        let Err(NotQueued::Full(third, sender)) = queue.try_push(user_push()) else {
+            panic!("the queue should be full")
+        };
         let caller = std::thread::spawn(move || wait_for_room(&sender, third));
         std::thread::sleep(Duration::from_millis(100));
         assert!(!caller.is_finished(), "the caller should wait while the queue is full");

@@ -14,7 +14,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::auth::{Hooks, JwtSettings, JwtVerifier, OriginRule};
 use crate::bridge::callbacks::PyHooks;
-use crate::bridge::push_queue::{self, Push, PushQueue};
+use crate::bridge::push_queue::{self, NotQueued, Push, PushQueue};
 use crate::broker::redis::RedisSettings;
 use crate::broker::BrokerError;
 use crate::config::{seconds, ChannelPatterns, ServerConfig};
@@ -56,18 +56,17 @@ impl PyServer {
 
     /// Queue a push for the runtime's fan-out task; returns `audience` (computed with the registry as it is now).
     fn enqueue(&self, py: Python<'_>, push: Push, audience: impl FnOnce(&Hub) -> usize) -> PyResult<usize> {
-        let (count, full) = {
+        let (count, push, sender) = {
             let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
             let running = running.as_ref().ok_or_else(not_running)?;
             let count = audience(running.server.hub());
             match running.pushes.try_push(push) {
                 Ok(()) => return Ok(count),
-                Err(Err(push_queue::Closed)) => return Err(not_running()),
-                Err(Ok(full)) => (count, full),
+                Err(NotQueued::Closed) => return Err(not_running()),
+                Err(NotQueued::Full(push, sender)) => (count, push, sender),
             }
         };
         // The fan-out is behind by a whole queue: wait for room without the server lock or the GIL.
-        let (push, sender) = full;
         py.detach(|| push_queue::wait_for_room(&sender, push)).map_err(|push_queue::Closed| not_running())?;
         Ok(count)
     }

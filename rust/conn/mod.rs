@@ -132,11 +132,8 @@ where
                 // a client that stopped reading can't hold the stop up). Other closes are about this client.
                 if code == CloseCode::GoingAway {
                     let mut queued = Vec::new();
-                    while let Some(Outgoing { frame, .. }) = rx.try_recv() {
-                        queued.push(frame);
-                    }
-                    let payloads: Vec<&[u8]> = queued.iter().map(|frame| frame.as_bytes()).collect();
-                    if ws.write_texts(&payloads).await.is_err() {
+                    rx.try_recv_many(&mut queued, usize::MAX);
+                    if write_frames(ws, &queued).await.is_err() {
                         return;
                     }
                 }
@@ -479,6 +476,15 @@ impl Drop for Session {
     }
 }
 
+/// Write queued frames as one batch (one writev where the socket takes it all).
+async fn write_frames<S>(ws: &mut WsConn<S>, batch: &[Outgoing]) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let payloads: Vec<&[u8]> = batch.iter().map(|outgoing| outgoing.frame.as_bytes()).collect();
+    ws.write_texts(&payloads).await
+}
+
 /// Write `first` and whatever else is already queued, then flush once; raced against shutdown and overflow.
 async fn write_batch<S>(
     ws: &mut WsConn<S>,
@@ -495,8 +501,7 @@ where
     let write = async {
         let mut batch = vec![first];
         rx.try_recv_many(&mut batch, MAX_BATCH_FRAMES - 1);
-        let payloads: Vec<&[u8]> = batch.iter().map(|outgoing| outgoing.frame.as_bytes()).collect();
-        ws.write_texts(&payloads).await?;
+        write_frames(ws, &batch).await?;
         for outgoing in &batch {
             outbox.written(outgoing.frame.len());
             // Written means flushed to the socket: only now does a sampled publish count this subscriber as done.
