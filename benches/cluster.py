@@ -64,6 +64,7 @@ from run import (
     machine,
     rel,
     run_generator,
+    run_header,
     scrub,
     wait_quiet,
 )
@@ -370,13 +371,7 @@ def main() -> int:  # noqa: C901
 
     def save(complete: bool) -> None:
         result = {
-            "schema": 1,
-            "kind": "cluster",
-            "complete": complete,
-            "command": command,
-            "started": started.isoformat(timespec="seconds"),
-            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "duration_s": round(time.monotonic() - t0, 1),
+            **run_header("cluster", complete, command, started, t0),
             "config": {
                 "repeat": args.repeat,
                 "subscribers": args.subscribers,

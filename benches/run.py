@@ -433,6 +433,19 @@ def run_case(case: Case, spec: ServerSpec, rep: int, token: str | None, quiet_li
     return records
 
 
+def run_header(kind: str, complete: bool, command: str, started: dt.datetime, t0: float) -> dict[str, Any]:
+    """The fields every results file starts with (benches/report.py reads them); also used by cluster.py."""
+    return {
+        "schema": 1,
+        "kind": kind,
+        "complete": complete,
+        "command": command,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - t0, 1),
+    }
+
+
 def run_generator(
     cmd: list[str], timeout: float, summarize_lines: bool = True
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -819,13 +832,7 @@ def main() -> int:  # noqa: C901
     def save(complete: bool) -> None:
         """Written after every case, so a run that is stopped half-way keeps what it measured."""
         result = {
-            "schema": 1,
-            "kind": kind,
-            "complete": complete,
-            "command": command,
-            "started": started.isoformat(timespec="seconds"),
-            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "duration_s": round(time.monotonic() - t0, 1),
+            **run_header(kind, complete, command, started, t0),
             "config": {
                 "repeat": args.repeat,
                 "quiet_wait_s": args.quiet_wait,
