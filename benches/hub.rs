@@ -25,7 +25,7 @@ fn main() {
         let mut receivers: Vec<OutboxReceiver> = Vec::with_capacity(subscribers);
         let mut outboxes = Vec::with_capacity(subscribers);
         for _ in 0..subscribers {
-            let (outbox, mut rx) = Outbox::new(hub.new_conn_id(), 1 << 20);
+            let (outbox, mut rx) = Outbox::new(hub.new_conn_id(), 1 << 20, 0);
             hub.subscribe("bench", &outbox, None);
             let subscribed = rx.try_recv().expect("the subscribed reply");
             outbox.written(subscribed.frame.len());

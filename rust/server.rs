@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -125,6 +126,13 @@ impl RunningServer {
                 runtime.block_on(async move {
                     let broker =
                         broker_runner.map(|runner| tokio::spawn(runner.run(Arc::clone(&hub), shutdown.clone())));
+                    let sweeper = crate::conn::sweep::run(
+                        Arc::clone(&hub.live),
+                        config.heartbeat_interval,
+                        config.idle_timeout,
+                        shutdown.clone(),
+                    );
+                    tokio::spawn(sweeper);
                     match TcpListener::from_std(listener) {
                         Ok(listener) => accept_loop(listener, hub, Arc::new(config), shutdown.clone()).await,
                         Err(error) => log::error!("cannot register the listener: {error}"),
@@ -257,21 +265,32 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn handle(
+/// A connection's whole task: the upgrade, then the connection itself.
+///
+/// Not an `async fn`: that would keep its arguments and the `Upgraded` parts beside the connection for the task's
+/// whole life. Chained with `then`, the boxed handshake is freed before the connection starts, and the task is only
+/// as large as the connection's own future.
+fn handle(
     stream: TcpStream,
     remote_addr: SocketAddr,
     pending: PendingHandshake,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
-) {
-    // Boxed: the handshake's state (the request head, the auth hook's future) is several KiB and needed once. Left
-    // inline, it would size every connection task for its whole life, idle connections included.
-    let upgraded = Box::pin(upgrade(stream, remote_addr, pending, &hub, &config, &shutdown)).await;
-    let Some(Upgraded { stream, leftover, user, request, slot }) = upgraded else { return };
-    let ws = crate::conn::wire::WsConn::new(stream, leftover, config.max_message_size);
-    crate::conn::run(ws, user, request, hub, config, shutdown).await;
-    drop(slot);
+) -> impl std::future::Future<Output = ()> {
+    // Boxed: the handshake's state (the request head, the auth hook's future) is several KiB and needed once.
+    let upgrading = Box::pin(async move {
+        let upgraded = upgrade(stream, remote_addr, pending, &hub, &config, &shutdown).await;
+        upgraded.map(|upgraded| (upgraded, hub, config, shutdown))
+    });
+    upgrading.then(|upgraded| match upgraded {
+        None => Either::Right(std::future::ready(())),
+        Some((Upgraded { stream, leftover, user, request, slot }, hub, config, shutdown)) => {
+            let ws = crate::conn::wire::WsConn::new(stream, leftover, config.max_message_size);
+            // The slot is released when the connection ends, however it ends.
+            Either::Left(crate::conn::run(ws, user, request, hub, config, &shutdown).map(move |()| drop(slot)))
+        }
+    })
 }
 
 /// A connection that completed its upgrade, and what its connection task needs from the handshake.

@@ -1,22 +1,29 @@
 //! Stage: connection task. One task per WebSocket connection: it reads client frames, applies them to the hub,
-//! and drains the connection's [`Outbox`] to the socket, all in one `select!` so a connection costs one task.
+//! and writes the connection's [`Outbox`] to the socket.
 //!
-//! Everything the client is sent (replies and publications) goes through the outbox, in order. Socket writes are
-//! raced against shutdown and the slow-consumer signal, so a peer that stops reading cannot pin the task.
+//! Everything the client is sent (replies and publications) goes through the outbox, in order. The task is a
+//! plain `poll` loop over one [`Connection`] struct rather than a `select!` of futures: between wake-ups an idle
+//! connection holds only its socket, its session and a few words of writer state (no timer, no shutdown future,
+//! no per-branch futures), and a wake-up for a burst of publications does no allocation. Heartbeats, the idle
+//! timeout and the stop come from the sweeper (sweep.rs) as outbox signals, which wake the task like frames do;
+//! so does a queue overflow, even while a write is waiting for room in the socket.
 
 pub mod outbox;
 pub mod rate;
+pub mod sweep;
 pub mod wire;
+pub mod writer;
 
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, timeout, Instant};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
@@ -24,19 +31,16 @@ use crate::error::{CloseCode, ErrorCode};
 use crate::handshake::ConnectRequest;
 use crate::hub::{ChannelKind, Hub, Joining, MemberJoin};
 use crate::protocol::{self, Command, Origin, Refusal, Reply};
-use outbox::{ConnId, Outbox, OutboxReceiver, Outgoing};
+use outbox::{ConnId, Outbox, OutboxReceiver, Signal};
 use rate::{RateLimiter, Verdict};
 use wire::{Incoming, ReadError, WsConn};
+use writer::Writer;
 
-/// Frames written per flush when the outbox holds a backlog: batching amortises the syscall.
-const MAX_BATCH_FRAMES: usize = 64;
 /// In demo mode clients may publish on `demo.*` and join `presence-demo.*` without authentication.
 const DEMO_PUBLISH_PREFIX: &str = "demo.";
 const DEMO_PRESENCE_PREFIX: &str = "presence-demo.";
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// How long a ping or pong may wait for room in the socket before the connection is dropped.
-const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a connection ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,21 +64,31 @@ impl End {
     }
 }
 
-/// Run a connection until it ends. The caller has completed the upgrade and counted the connection.
-/// `request` is given only when lifecycle hooks want it.
-pub async fn run<S>(
-    mut ws: WsConn<S>,
+/// The task of a connection that completed its upgrade (the caller has counted it). `request` is given only
+/// when lifecycle hooks want it.
+///
+/// Not an `async fn`: its arguments would be stored twice in the task (as arguments and as the body's locals).
+/// Here they are moved into one [`Connection`] first, and the returned future owns that and little else.
+pub fn run<S>(
+    ws: WsConn<S>,
     user: Option<Arc<User>>,
     request: Option<Box<ConnectRequest>>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
-    shutdown: CancellationToken,
-) where
+    shutdown: &CancellationToken,
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let id = hub.new_conn_id();
-    let socket_id = hub.socket_id(id);
-    let (outbox, mut rx) = Outbox::new(id, config.send_queue_bytes);
+    let socket_id: Arc<str> = hub.socket_id(id).into();
+    let (outbox, rx) = Outbox::new(id, config.send_queue_bytes, hub.live.now());
+    hub.live.add(&outbox);
+    // The sweeper raises GoingAway on the connections it knows of when the server stops; one that registers
+    // after that look sees the token cancelled here.
+    if shutdown.is_cancelled() {
+        outbox.raise(Signal::GoingAway);
+    }
     if let Some(user) = &user {
         hub.add_user_connection(&user.id, &outbox);
     }
@@ -85,10 +99,10 @@ pub async fn run<S>(
         _ => None,
     };
     drop(request);
-    let mut session = Session {
+    let session = Session {
         id,
         rate: RateLimiter::new(config.rate_limit, config.rate_burst, std::time::Instant::now()),
-        socket_id: socket_id.as_str().into(),
+        socket_id,
         outbox,
         user,
         subscriptions: Vec::new(),
@@ -97,57 +111,122 @@ pub async fn run<S>(
         hub,
         config,
     };
-    session.reply(&Reply::Connected { socket_id: &socket_id });
+    session.reply(&Reply::Connected { socket_id: &session.socket_id });
+    let mut connection = Connection { ws, rx, writer: Writer::default(), session };
 
-    let end = session.serve(&mut ws, &mut rx, &shutdown).await;
-    session.leave_all();
-    if end == End::Close(CloseCode::SlowConsumer) {
-        session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    // Boxed like the write path: the closing handshake's futures are needed once, not for the task's lifetime.
-    Box::pin(finish(&mut ws, &mut rx, &end)).await;
-    if let Some(hooks) = hooks {
-        let disconnected = hooks.disconnected(&socket_id, end.code());
-        tokio::spawn(async move {
-            if let Some(connected) = connected {
-                let _ = connected.await;
-            }
-            if let Err(error) = disconnected.await {
-                log::warn!("on_disconnect failed for {socket_id}: {error}");
-            }
-        });
+    async move {
+        let end = poll_fn(|cx| connection.poll_serve(cx)).await;
+        connection.session.leave_all();
+        if end == End::Close(CloseCode::SlowConsumer) {
+            connection.session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Boxed: the closing handshake's futures are needed once, not for the task's lifetime.
+        Box::pin(connection.finish(end)).await;
+        if let Some(hooks) = hooks {
+            let socket_id = Arc::clone(&connection.session.socket_id);
+            let disconnected = hooks.disconnected(&socket_id, end.code());
+            tokio::spawn(async move {
+                if let Some(connected) = connected {
+                    let _ = connected.await;
+                }
+                if let Err(error) = disconnected.await {
+                    log::warn!("on_disconnect failed for {socket_id}: {error}");
+                }
+            });
+        }
     }
 }
 
-/// End the WebSocket: send our close frame and wait briefly for the client's, or answer the client's close.
-async fn finish<S>(ws: &mut WsConn<S>, rx: &mut OutboxReceiver, end: &End)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match *end {
-        End::Close(code) => {
-            // Send our close, then wait briefly for the client's, so it sees a clean closing handshake.
-            let _ = timeout(CLOSE_GRACE, async {
-                // The server is stopping: what was queued before the stop goes out first (within the same grace, so
-                // a client that stopped reading can't hold the stop up). Other closes are about this client.
-                if code == CloseCode::GoingAway {
-                    let mut queued = Vec::new();
-                    rx.try_recv_many(&mut queued, usize::MAX);
-                    if write_frames(ws, &queued).await.is_err() {
-                        return;
-                    }
+/// Everything a connection keeps between wake-ups.
+struct Connection<S> {
+    ws: WsConn<S>,
+    rx: OutboxReceiver,
+    writer: Writer,
+    session: Session,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Serve until the connection ends: follow signals, write what is queued, handle what the client sent and
+    /// what authorize hooks answered; Pending when none of them has anything more.
+    fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        loop {
+            if let Some(end) = self.follow_signals() {
+                return Poll::Ready(end);
+            }
+            let hub = &self.session.hub;
+            if let Poll::Ready(Err(_)) = self.writer.poll_flush(cx, &mut self.ws, &mut self.rx, hub, true) {
+                return Poll::Ready(End::Dropped);
+            }
+            if let Poll::Ready(incoming) = self.ws.poll_next(cx) {
+                match self.session.received(incoming, &mut self.writer) {
+                    Some(end) => return Poll::Ready(end),
+                    None => continue,
                 }
-                if ws.close(Some(code as u16), code.reason()).await.is_ok() {
-                    while !matches!(ws.next().await, Ok(Incoming::Close(_)) | Err(_)) {}
+            }
+            if let Some(authorizations) = self.session.authorizations.as_mut().filter(|a| !a.is_empty()) {
+                if let Poll::Ready(Some((channel, settled))) = authorizations.poll_next_unpin(cx) {
+                    self.session.settled(&channel, settled);
+                    continue;
                 }
-            })
-            .await;
+            }
+            // Register, then look again: a frame or signal that came after the looks above must not be missed.
+            self.rx.register(cx);
+            let signalled = self.session.outbox.signals() & !(Signal::Pinged as u8) != 0;
+            if signalled || (!self.writer.is_stalled() && self.rx.has_queued()) {
+                continue;
+            }
+            return Poll::Pending;
         }
-        // The client closed first: echo its code, as RFC 6455 asks.
-        End::ClientClosed(code) => {
-            let _ = timeout(CLOSE_GRACE, ws.close(code, "")).await;
+    }
+
+    /// Act on the outbox's signals: an end, or a ping to send.
+    fn follow_signals(&mut self) -> Option<End> {
+        let outbox = &self.session.outbox;
+        let signals = outbox.signals();
+        if signals & !(Signal::Pinged as u8) == 0 {
+            return None;
         }
-        End::Dropped => {}
+        if signals & Signal::GoingAway as u8 != 0 {
+            return Some(End::Close(CloseCode::GoingAway));
+        }
+        if signals & Signal::Overflowed as u8 != 0 {
+            return Some(End::Close(CloseCode::SlowConsumer));
+        }
+        if signals & Signal::IdleTimeout as u8 != 0 {
+            return Some(End::Close(CloseCode::IdleTimeout));
+        }
+        if signals & Signal::PingDue as u8 != 0 {
+            self.writer.ping();
+            outbox.settle(Signal::PingDue, Signal::Pinged as u8);
+        }
+        None
+    }
+
+    /// End the WebSocket: send our close frame and wait briefly for the client's, or answer the client's close.
+    async fn finish(&mut self, end: End) {
+        let (code, reason, drain) = match end {
+            // The server is stopping: what was queued before the stop goes out first (within the same grace, so a
+            // client that stopped reading can't hold the stop up). Other closes are about this client.
+            End::Close(code) => (Some(code as u16), code.reason(), code == CloseCode::GoingAway),
+            // The client closed first: echo its code, as RFC 6455 asks.
+            End::ClientClosed(code) => (code, "", false),
+            End::Dropped => return,
+        };
+        let _ = timeout(CLOSE_GRACE, async {
+            if !drain {
+                // A batch not yet started is dropped; one cut off mid-frame must be completed first, or the
+                // close frame would be read as part of its payload.
+                self.writer.discard_unless_mid_frame();
+            }
+            let hub = &self.session.hub;
+            if poll_fn(|cx| self.writer.poll_flush(cx, &mut self.ws, &mut self.rx, hub, drain)).await.is_err() {
+                return;
+            }
+            if self.ws.close(code, reason).await.is_ok() && matches!(end, End::Close(_)) {
+                while !matches!(self.ws.next().await, Ok(Incoming::Close(_)) | Err(_)) {}
+            }
+        })
+        .await;
     }
 }
 
@@ -182,112 +261,58 @@ enum Settled {
     Joined(Result<(), tokio::sync::oneshot::error::RecvError>),
 }
 
-/// Why a socket write stopped.
-enum WriteStop {
-    Failed,
-    Close(CloseCode),
-}
-
 impl Session {
-    /// The main loop, until the connection ends.
-    async fn serve<S>(&mut self, ws: &mut WsConn<S>, rx: &mut OutboxReceiver, shutdown: &CancellationToken) -> End
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let heartbeat = self.config.heartbeat_interval;
-        let idle = self.config.idle_timeout;
-        let mut last_heard = Instant::now();
-        let mut pinged = false;
-        let timer = sleep_until(next_check(last_heard, pinged, heartbeat, idle));
-        tokio::pin!(timer);
-        // Made once and kept registered: a fresh `cancelled()` per loop turn (and per write) registers and
-        // unregisters with the token's mutex-guarded waiter list each time, a cost on every delivery.
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut cancelled => return End::Close(CloseCode::GoingAway),
-                () = self.outbox.overflowed() => return End::Close(CloseCode::SlowConsumer),
-                frame = rx.recv() => {
-                    // The session holds the sender, so the queue cannot close while it runs.
-                    let Some(frame) = frame else { return End::Dropped };
-                    let stall_limit = self.config.idle_timeout;
-                    // Boxed: the write future is large and lives only while writing, so an idle task stays small.
-                    if let Err(stop) = Box::pin(write_batch(ws, rx, frame, &self.outbox, &self.hub, stall_limit, cancelled.as_mut())).await {
-                        return match stop { WriteStop::Failed => End::Dropped, WriteStop::Close(code) => End::Close(code) };
-                    }
-                }
-                incoming = ws.next() => {
-                    last_heard = Instant::now();
-                    pinged = false;
-                    let incoming = match incoming {
-                        Ok(Incoming::Close(code)) => return End::ClientClosed(code),
-                        // A pong only proves the client is alive.
-                        Ok(Incoming::Pong) => continue,
-                        Ok(incoming) => incoming,
-                        Err(ReadError::Gone) => return End::Dropped,
-                        Err(ReadError::Protocol(_)) => return End::Close(CloseCode::ProtocolError),
-                        Err(ReadError::TooBig) => return End::Close(CloseCode::TooBig),
-                        Err(ReadError::InvalidUtf8) => return End::Close(CloseCode::InvalidPayload),
-                    };
-                    // Pings count too: each costs a pong, so a ping flood costs writes.
-                    let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
-                    match verdict {
-                        Verdict::Accept => {}
-                        Verdict::Warn => {
-                            self.refuse(&Refusal::new(
-                                ErrorCode::RateLimited,
-                                None,
-                                format!(
-                                    "rate limited: at most {} messages/s (burst {}); messages are dropped, \
-                                     and the connection closes if this goes on for a second",
-                                    self.config.rate_limit, self.config.rate_burst
-                                ),
-                            ));
-                            continue;
-                        }
-                        Verdict::Drop => continue,
-                        Verdict::Close => return End::Close(CloseCode::PolicyViolation),
-                    }
-                    match incoming {
-                        Incoming::Text(text) => self.handle_text(&text),
-                        Incoming::Binary(data) => {
-                            self.hub.stats.received(data.len());
-                            let refusal = Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames");
-                            self.refuse(&refusal);
-                        }
-                        Incoming::Ping(payload) => {
-                            // Bounded: a client that pings but never reads must not pin the task on its pong.
-                            if !matches!(timeout(CONTROL_WRITE_TIMEOUT, Box::pin(ws.pong(&payload))).await, Ok(Ok(()))) {
-                                return End::Dropped;
-                            }
-                        }
-                        Incoming::Pong | Incoming::Close(_) => {}
-                    }
-                }
-                Some((channel, decision)) = next_authorization(&mut self.authorizations), if self.authorizations.as_ref().is_some_and(|a| !a.is_empty()) => {
-                    // A channel no longer pending was unsubscribed while its hook ran: the answer is moot.
-                    if let Some(index) = self.pending.iter().position(|c| *c == channel) {
-                        self.pending.swap_remove(index);
-                        self.authorized(&channel, decision);
-                    }
-                }
-                () = &mut timer => {
-                    let silent = last_heard.elapsed();
-                    if !idle.is_zero() && silent >= idle {
-                        return End::Close(CloseCode::IdleTimeout);
-                    }
-                    if !heartbeat.is_zero() && silent >= heartbeat && !pinged {
-                        pinged = true;
-                        if !matches!(timeout(CONTROL_WRITE_TIMEOUT, Box::pin(ws.ping())).await, Ok(Ok(()))) {
-                            return End::Dropped;
-                        }
-                    }
-                    timer.as_mut().reset(next_check(last_heard, pinged, heartbeat, idle));
-                }
+    /// Handle one read from the client: a message, a control frame, or the end of the connection.
+    fn received(&mut self, incoming: Result<Incoming, ReadError>, writer: &mut Writer) -> Option<End> {
+        self.outbox.heard(self.hub.live.now());
+        let incoming = match incoming {
+            Ok(Incoming::Close(code)) => return Some(End::ClientClosed(code)),
+            // A pong only proves the client is alive.
+            Ok(Incoming::Pong) => return None,
+            Ok(incoming) => incoming,
+            Err(ReadError::Gone) => return Some(End::Dropped),
+            Err(ReadError::Protocol(_)) => return Some(End::Close(CloseCode::ProtocolError)),
+            Err(ReadError::TooBig) => return Some(End::Close(CloseCode::TooBig)),
+            Err(ReadError::InvalidUtf8) => return Some(End::Close(CloseCode::InvalidPayload)),
+        };
+        // Pings count too: each costs a pong, so a ping flood costs writes.
+        let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::Warn => {
+                self.refuse(&Refusal::new(
+                    ErrorCode::RateLimited,
+                    None,
+                    format!(
+                        "rate limited: at most {} messages/s (burst {}); messages are dropped, \
+                         and the connection closes if this goes on for a second",
+                        self.config.rate_limit, self.config.rate_burst
+                    ),
+                ));
+                return None;
             }
+            Verdict::Drop => return None,
+            Verdict::Close => return Some(End::Close(CloseCode::PolicyViolation)),
+        }
+        match incoming {
+            Incoming::Text(text) => self.handle_text(&text),
+            Incoming::Binary(data) => {
+                self.hub.stats.received(data.len());
+                let refusal =
+                    Refusal::new(ErrorCode::Malformed, None, "binary frames are not supported: send JSON text frames");
+                self.refuse(&refusal);
+            }
+            Incoming::Ping(payload) => writer.pong(&payload),
+            Incoming::Pong | Incoming::Close(_) => {}
+        }
+        None
+    }
+
+    /// A pending subscription settled, unless it was unsubscribed while its hook ran (then the answer is moot).
+    fn settled(&mut self, channel: &str, settled: Settled) {
+        if let Some(index) = self.pending.iter().position(|c| &**c == channel) {
+            self.pending.swap_remove(index);
+            self.authorized(channel, settled);
         }
     }
 
@@ -473,74 +498,6 @@ impl Drop for Session {
         if let Some(user) = &self.user {
             self.hub.remove_user_connection(&user.id, self.id);
         }
-    }
-}
-
-/// Write queued frames as one batch (one writev where the socket takes it all).
-async fn write_frames<S>(ws: &mut WsConn<S>, batch: &[Outgoing]) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let payloads: Vec<&[u8]> = batch.iter().map(|outgoing| outgoing.frame.as_bytes()).collect();
-    ws.write_texts(&payloads).await
-}
-
-/// Write `first` and whatever else is already queued, then flush once; raced against shutdown and overflow.
-async fn write_batch<S>(
-    ws: &mut WsConn<S>,
-    rx: &mut OutboxReceiver,
-    first: Outgoing,
-    outbox: &Outbox,
-    hub: &Hub,
-    idle_timeout: Duration,
-    cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
-) -> Result<(), WriteStop>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let write = async {
-        let mut batch = vec![first];
-        rx.try_recv_many(&mut batch, MAX_BATCH_FRAMES - 1);
-        write_frames(ws, &batch).await?;
-        for outgoing in &batch {
-            outbox.written(outgoing.frame.len());
-            // Written means flushed to the socket: only now does a sampled publish count this subscriber as done.
-            if let Some(latency) = outgoing.timer.as_ref().and_then(|timer| timer.written()) {
-                hub.stats.observe_publish_latency(latency);
-            }
-        }
-        Ok::<(), std::io::Error>(())
-    };
-    // A write that cannot finish within the idle timeout means the peer stopped reading.
-    let stall_limit = if idle_timeout.is_zero() { Duration::MAX } else { idle_timeout };
-    tokio::select! {
-        result = timeout(stall_limit, write) => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(WriteStop::Failed),
-            Err(_) => Err(WriteStop::Close(CloseCode::IdleTimeout)),
-        },
-        () = cancelled => Err(WriteStop::Close(CloseCode::GoingAway)),
-        () = outbox.overflowed() => Err(WriteStop::Close(CloseCode::SlowConsumer)),
-    }
-}
-
-/// The next answered authorization (None, so the select branch is skipped, when there are none).
-async fn next_authorization(
-    authorizations: &mut Option<FuturesUnordered<AuthorizationFuture>>,
-) -> Option<(Box<str>, Settled)> {
-    authorizations.as_mut()?.next().await
-}
-
-/// When the heartbeat timer should next look at the connection.
-fn next_check(last_heard: Instant, pinged: bool, heartbeat: Duration, idle: Duration) -> Instant {
-    let far = last_heard + Duration::from_secs(86_400);
-    let ping_at = if heartbeat.is_zero() || pinged { far } else { last_heard + heartbeat };
-    let idle_at = if idle.is_zero() { far } else { last_heard + idle };
-    let next = ping_at.min(idle_at);
-    // After the ping went out with no idle timeout, re-check a heartbeat later rather than spin.
-    if next <= Instant::now() {
-        Instant::now() + heartbeat.max(Duration::from_secs(1))
-    } else {
-        next
+        self.hub.live.remove(self.id);
     }
 }

@@ -4,11 +4,17 @@
 //! the connection task drains it. The bound is in bytes (`send_queue_bytes`): a subscriber that cannot keep up
 //! passes it, is marked slow and is closed with 4100, so it never delays the others and never grows memory
 //! without limit (the slow-consumer rule of centrifuge's writer.go).
+//!
+//! The outbox is also how the rest of the server signals a connection ([`Signal`]): the server is stopping, the
+//! queue overflowed, a ping is due, the client has been silent too long. Those come from the hub and from the
+//! sweeper (conn/sweep.rs), which looks at `last_heard` and `stalled_since` instead of each connection keeping a
+//! timer of its own. Every signal and every frame wakes the connection task through one [`AtomicWaker`].
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Context;
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
@@ -28,23 +34,44 @@ pub type ConnId = u64;
 /// A queue that holds no memory while empty, unlike tokio's mpsc (which allocates a 32-slot block per channel,
 /// ~1.4 KB per idle connection). Producers lock it briefly to push; the connection task drains it in batches.
 ///
-/// The wake-ups are `AtomicWaker`s, not tokio `Notify`s: only the connection task ever waits, so a waiter list
-/// (a mutex and a list node per waiting future) is more than needed. An AtomicWaker is 24 bytes, waking is one
-/// atomic swap, and the futures that wait on it are a few bytes instead of ~80 in every idle task.
+/// The wake-up is one `AtomicWaker`, not a tokio `Notify`: only the connection task ever waits, so a waiter list
+/// (a mutex and a list node per waiting future) is more than needed. Waking is one atomic swap.
 pub struct Outbox {
     pub id: ConnId,
     queue: Mutex<VecDeque<Outgoing>>,
-    /// Wakes the connection task when frames arrive. It registers, then looks at the queue again, so a push
-    /// between its look and its registration is not missed.
-    ready: AtomicWaker,
+    /// Wakes the connection task when frames arrive or a signal is raised. It registers, then looks at the queue
+    /// and the signals again, so a push between its look and its registration is not missed.
+    waker: AtomicWaker,
     queued_bytes: AtomicUsize,
     limit: usize,
-    overflowed: AtomicBool,
+    /// [`Signal`] bits raised for the connection task.
+    signals: AtomicU8,
     /// Set when the connection task is gone: pushes are refused.
     closed: AtomicBool,
-    /// Wakes the connection task when the queue overflowed, even while it is stuck writing to the socket.
-    overflow_signal: AtomicWaker,
+    /// The sweep tick at which the client was last heard from.
+    last_heard: AtomicU32,
+    /// The sweep tick at which a socket write found the socket full, or [`NOT_STALLED`].
+    stalled_since: AtomicU32,
 }
+
+/// What the rest of the server tells a connection task, besides frames to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Signal {
+    /// The queue passed `send_queue_bytes`: close with 4100.
+    Overflowed = 1,
+    /// The server is stopping: send what is queued, then close with 1001.
+    GoingAway = 2,
+    /// Silent (or a write stuck) for `idle_timeout`: close.
+    IdleTimeout = 4,
+    /// Silent for `heartbeat_interval`: send a ping. Cleared by the connection task when it sends one.
+    PingDue = 8,
+    /// A ping went out and nothing was heard since: no second ping until the client speaks.
+    Pinged = 16,
+}
+
+/// `stalled_since` when no write is waiting for room in the socket.
+pub const NOT_STALLED: u32 = u32::MAX;
 
 /// The consumer side, owned by the connection task. Dropping it closes the outbox to new frames.
 pub struct OutboxReceiver {
@@ -55,16 +82,18 @@ pub struct OutboxReceiver {
 const KEEP_CAPACITY: usize = 8;
 
 impl Outbox {
-    pub fn new(id: ConnId, limit: usize) -> (Arc<Self>, OutboxReceiver) {
+    /// An empty outbox; `now` is the current sweep tick (the connection counts as just heard from).
+    pub fn new(id: ConnId, limit: usize, now: u32) -> (Arc<Self>, OutboxReceiver) {
         let outbox = Arc::new(Outbox {
             id,
             queue: Mutex::new(VecDeque::new()),
-            ready: AtomicWaker::new(),
+            waker: AtomicWaker::new(),
             queued_bytes: AtomicUsize::new(0),
             limit,
-            overflowed: AtomicBool::new(false),
+            signals: AtomicU8::new(0),
             closed: AtomicBool::new(false),
-            overflow_signal: AtomicWaker::new(),
+            last_heard: AtomicU32::new(now),
+            stalled_since: AtomicU32::new(NOT_STALLED),
         });
         (Arc::clone(&outbox), OutboxReceiver { outbox })
     }
@@ -76,43 +105,66 @@ impl Outbox {
 
     /// Queue a frame that may carry a publish latency timer.
     pub fn push_timed(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>) -> bool {
-        if self.overflowed.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed) {
+        if self.is_overflowed() || self.closed.load(Ordering::Relaxed) {
             return false;
         }
         let len = frame.len();
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.limit {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            if !self.overflowed.swap(true, Ordering::Release) {
-                self.overflow_signal.wake();
-            }
+            self.raise(Signal::Overflowed);
             return false;
         }
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(Outgoing { frame, timer: timer.cloned() });
-        self.ready.wake();
+        self.waker.wake();
         true
     }
 
     pub fn is_overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Acquire)
+        self.signals.load(Ordering::Relaxed) & Signal::Overflowed as u8 != 0
     }
 
-    /// Resolves once the queue has overflowed. For the connection task only (one waker is kept).
-    pub async fn overflowed(&self) {
-        poll_fn(|cx| {
-            if self.is_overflowed() {
-                return Poll::Ready(());
-            }
-            self.overflow_signal.register(cx.waker());
-            if self.is_overflowed() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
+    /// Raise a signal and wake the connection task (once: raising it again while set does not wake).
+    pub fn raise(&self, signal: Signal) {
+        if self.signals.fetch_or(signal as u8, Ordering::Release) & signal as u8 == 0 {
+            self.waker.wake();
+        }
     }
 
-    /// Called by the connection task once a frame has been handed to the socket.
+    /// The signals raised so far, as [`Signal`] bits.
+    pub fn signals(&self) -> u8 {
+        self.signals.load(Ordering::Acquire)
+    }
+
+    /// The connection task handled a signal (a ping went out): clear it, and set `then` (none: 0).
+    pub fn settle(&self, signal: Signal, then: u8) {
+        self.signals.fetch_and(!(signal as u8), Ordering::AcqRel);
+        if then != 0 {
+            self.signals.fetch_or(then, Ordering::AcqRel);
+        }
+    }
+
+    /// The client sent something at sweep tick `now`: it is alive, and may be pinged again after a silence.
+    pub fn heard(&self, now: u32) {
+        self.last_heard.store(now, Ordering::Relaxed);
+        if self.signals.load(Ordering::Relaxed) & Signal::Pinged as u8 != 0 {
+            self.signals.fetch_and(!(Signal::Pinged as u8), Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_heard(&self) -> u32 {
+        self.last_heard.load(Ordering::Relaxed)
+    }
+
+    /// A write is waiting for room in the socket since tick `now` ([`NOT_STALLED`]: it finished).
+    pub fn set_stalled_since(&self, now: u32) {
+        self.stalled_since.store(now, Ordering::Relaxed);
+    }
+
+    pub fn stalled_since(&self) -> u32 {
+        self.stalled_since.load(Ordering::Relaxed)
+    }
+
+    /// Called by the connection task once frames of `len` payload bytes have been handed to the socket.
     pub fn written(&self, len: usize) {
         self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
     }
@@ -145,13 +197,27 @@ impl OutboxReceiver {
             if let Some(item) = self.outbox.pop() {
                 return Poll::Ready(Some(item));
             }
-            self.outbox.ready.register(cx.waker());
+            self.outbox.waker.register(cx.waker());
             match self.outbox.pop() {
                 Some(item) => Poll::Ready(Some(item)),
                 None => Poll::Pending,
             }
         })
         .await
+    }
+
+    /// Register the task to be woken by the next frame or signal. Look at the queue and the signals after this.
+    pub fn register(&self, cx: &Context<'_>) {
+        self.outbox.waker.register(cx.waker());
+    }
+
+    /// Whether frames are queued and not yet handed to the socket (nothing is in flight when this is asked).
+    pub fn has_queued(&self) -> bool {
+        self.outbox.queued_bytes.load(Ordering::Acquire) > 0
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
     }
 
     pub fn try_recv(&mut self) -> Option<Outgoing> {
@@ -177,14 +243,14 @@ mod tests {
 
     #[tokio::test]
     async fn frames_arrive_in_order_and_the_bound_marks_the_queue_slow() {
-        let (outbox, mut rx) = Outbox::new(1, 10);
+        let (outbox, mut rx) = Outbox::new(1, 10, 0);
         assert_eq!(outbox.queue.lock().unwrap().capacity(), 0, "an empty outbox allocates nothing");
         assert!(outbox.push(Utf8Bytes::from_static("12345")));
         assert!(outbox.push(Utf8Bytes::from_static("67890")));
         assert!(!outbox.is_overflowed());
         assert!(!outbox.push(Utf8Bytes::from_static("x")), "11 bytes passes the 10-byte bound");
         assert!(outbox.is_overflowed());
-        outbox.overflowed().await; // already overflowed: resolves at once
+        assert_eq!(outbox.signals(), Signal::Overflowed as u8);
         assert_eq!(rx.recv().await.unwrap().frame.as_str(), "12345");
         assert_eq!(rx.recv().await.unwrap().frame.as_str(), "67890");
         assert!(rx.try_recv().is_none());
@@ -194,7 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_receiver_refuses_frames_and_a_drained_queue_shrinks() {
-        let (outbox, mut rx) = Outbox::new(1, 1 << 20);
+        let (outbox, mut rx) = Outbox::new(1, 1 << 20, 0);
         for _ in 0..100 {
             assert!(outbox.push(Utf8Bytes::from_static("x")));
         }
@@ -206,7 +272,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receiver_wakes_for_a_frame_and_for_an_overflow() {
-        let (outbox, mut rx) = Outbox::new(1, 10);
+        let (outbox, mut rx) = Outbox::new(1, 10, 0);
         let producer = Arc::clone(&outbox);
         let push = tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -215,7 +281,16 @@ mod tests {
             assert!(!producer.push(Utf8Bytes::from_static("too long to fit")));
         });
         assert_eq!(rx.recv().await.unwrap().frame.as_str(), "late");
-        outbox.overflowed().await;
+        // The connection task's wait: register, then look at the signals.
+        poll_fn(|cx| {
+            rx.register(cx);
+            if outbox.is_overflowed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
         push.await.unwrap();
         let mut batch = Vec::new();
         rx.try_recv_many(&mut batch, 10);
@@ -224,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn written_frees_room() {
-        let (outbox, mut rx) = Outbox::new(1, 5);
+        let (outbox, mut rx) = Outbox::new(1, 5, 0);
         assert!(outbox.push(Utf8Bytes::from_static("12345")));
         let frame = rx.recv().await.unwrap().frame;
         outbox.written(frame.len());

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{ready, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -26,6 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 const SCRATCH_SIZE: usize = 16 * 1024;
 /// The longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
 const MAX_HEADER: usize = 14;
+/// The most text frames one [`WsConn::poll_write_frames`] takes (one `writev`; Linux allows 1,024 slices).
+pub const MAX_FRAMES_PER_WRITE: usize = 64;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
@@ -94,29 +96,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
 
     /// The next message or control frame. Cancel-safe: bytes read are kept in `self` until they are returned.
     pub async fn next(&mut self) -> Result<Incoming, ReadError> {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// The next message or control frame, or Pending (the task is woken when the socket has more bytes).
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, ReadError>> {
         loop {
             if let Some(incoming) = self.parse_pending()? {
-                return Ok(incoming);
+                return Poll::Ready(Ok(incoming));
             }
-            self.read_more().await?;
+            ready!(self.poll_read_more(cx))?;
         }
     }
 
     /// Read what the socket has into the thread's scratch buffer and append it to `pending`.
-    async fn read_more(&mut self) -> Result<(), ReadError> {
-        poll_fn(|cx| {
-            SCRATCH.with_borrow_mut(|scratch| {
-                let mut buf = ReadBuf::new(scratch);
-                match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf)) {
-                    Ok(()) if !buf.filled().is_empty() => {
-                        self.pending.extend_from_slice(buf.filled());
-                        Poll::Ready(Ok(()))
-                    }
-                    _ => Poll::Ready(Err(ReadError::Gone)),
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ReadError>> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(scratch);
+            match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() => {
+                    self.pending.extend_from_slice(buf.filled());
+                    Poll::Ready(Ok(()))
                 }
-            })
+                _ => Poll::Ready(Err(ReadError::Gone)),
+            }
         })
-        .await
     }
 
     /// Parse frames from `pending` until one completes a message (or is a control frame), or the bytes run out.
@@ -193,37 +197,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         self.start = 0;
     }
 
-    /// Write text frames, one per payload, in as few `writev` calls as the socket allows.
-    pub async fn write_texts(&mut self, payloads: &[&[u8]]) -> io::Result<()> {
-        let mut headers = Vec::with_capacity(payloads.len() * 10);
-        let mut spans = Vec::with_capacity(payloads.len());
-        for payload in payloads {
-            let start = headers.len();
-            push_header(&mut headers, opcode::TEXT, payload.len());
-            spans.push(start..headers.len());
+    /// One `writev` of `controls` (whole control frames, already encoded) followed by a text frame per payload,
+    /// less the first `skip` bytes of that sequence (written by earlier calls). Returns the bytes this call wrote;
+    /// the caller calls again with a larger `skip` until all are written. The headers (2–10 bytes each) are built
+    /// here on the stack, so the payloads go out as they are, shared, without a copy.
+    pub fn poll_write_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        controls: &[u8],
+        payloads: &[&[u8]],
+        skip: usize,
+    ) -> Poll<io::Result<usize>> {
+        assert!(payloads.len() <= MAX_FRAMES_PER_WRITE, "at most {MAX_FRAMES_PER_WRITE} frames per write");
+        let mut headers = [[0u8; 10]; MAX_FRAMES_PER_WRITE];
+        let mut header_lens = [0usize; MAX_FRAMES_PER_WRITE];
+        for (i, payload) in payloads.iter().enumerate() {
+            header_lens[i] = encode_header(&mut headers[i], opcode::TEXT, payload.len());
         }
-        let mut slices = Vec::with_capacity(payloads.len() * 2);
-        for (span, payload) in spans.into_iter().zip(payloads) {
-            slices.push(IoSlice::new(&headers[span]));
-            slices.push(IoSlice::new(payload));
+        let mut slices = [IoSlice::new(&[]); 1 + 2 * MAX_FRAMES_PER_WRITE];
+        let mut count = 0;
+        if !controls.is_empty() {
+            slices[0] = IoSlice::new(controls);
+            count = 1;
         }
-        self.write_all_vectored(&mut slices).await
+        for (i, payload) in payloads.iter().enumerate() {
+            slices[count] = IoSlice::new(&headers[i][..header_lens[i]]);
+            slices[count + 1] = IoSlice::new(payload);
+            count += 2;
+        }
+        let mut slices = &mut slices[..count];
+        IoSlice::advance_slices(&mut slices, skip);
+        let written = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, slices))?;
+        if written == 0 && !slices.is_empty() {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        Poll::Ready(Ok(written))
+    }
+
+    /// Flush the stream (a no-op for a TCP socket; kept for other streams).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     /// Write one control frame (ping, pong or close).
-    pub async fn write_control(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+    async fn write_control(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
         let mut frame = Vec::with_capacity(2 + payload.len());
-        push_header(&mut frame, opcode, payload.len());
-        frame.extend_from_slice(payload);
+        push_control(&mut frame, opcode, payload);
         self.write_all_vectored(&mut [IoSlice::new(&frame)]).await
-    }
-
-    pub async fn ping(&mut self) -> io::Result<()> {
-        self.write_control(opcode::PING, &[]).await
-    }
-
-    pub async fn pong(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.write_control(opcode::PONG, payload).await
     }
 
     /// Send a close frame: the code (none to echo a client close that had none) and a short reason.
@@ -327,18 +347,45 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, ReadError> {
     }
 }
 
-/// A server frame's header (never masked): FIN, the opcode and the payload length.
-fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
-    out.push(0x80 | opcode);
+/// A server frame's header (never masked) into `out`: FIN, the opcode and the payload length. Returns its length.
+fn encode_header(out: &mut [u8; 10], opcode: u8, len: usize) -> usize {
+    out[0] = 0x80 | opcode;
     if len < 126 {
-        out.push(len as u8);
+        out[1] = len as u8;
+        2
     } else if let Ok(len) = u16::try_from(len) {
-        out.push(126);
-        out.extend_from_slice(&len.to_be_bytes());
+        out[1] = 126;
+        out[2..4].copy_from_slice(&len.to_be_bytes());
+        4
     } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
     }
+}
+
+/// The bytes a text frame with a payload of `len` bytes takes on the wire.
+pub fn text_frame_len(len: usize) -> usize {
+    encode_header(&mut [0; 10], opcode::TEXT, len) + len
+}
+
+/// Append a control frame (at most 125 bytes of payload, as RFC 6455 requires of control frames).
+fn push_control(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let payload = &payload[..payload.len().min(125)];
+    let mut header = [0; 10];
+    let len = encode_header(&mut header, opcode, payload.len());
+    out.extend_from_slice(&header[..len]);
+    out.extend_from_slice(payload);
+}
+
+/// Append a ping frame (no payload).
+pub fn push_ping(out: &mut Vec<u8>) {
+    push_control(out, opcode::PING, &[]);
+}
+
+/// Append the pong that answers a ping with this payload.
+pub fn push_pong(out: &mut Vec<u8>, payload: &[u8]) {
+    push_control(out, opcode::PONG, payload);
 }
 
 /// XOR the payload with the client's mask, a word at a time where it can.
@@ -467,41 +514,63 @@ mod tests {
         }
     }
 
+    /// Write text frames the way the connection's writer does: `poll_write_frames` until all bytes are out.
+    async fn write_texts<S: AsyncRead + AsyncWrite + Unpin>(
+        conn: &mut WsConn<S>,
+        payloads: &[&[u8]],
+    ) -> io::Result<()> {
+        let total: usize = payloads.iter().map(|payload| text_frame_len(payload.len())).sum();
+        let mut written = 0;
+        while written < total {
+            written += poll_fn(|cx| conn.poll_write_frames(cx, &[], payloads, written)).await?;
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn server_frames_are_written_unmasked_with_their_lengths() {
         let (mut client, server) = tokio::io::duplex(1 << 12);
         let mut conn = WsConn::new(server, Vec::new(), 1000);
         let long = vec![b'y'; 70_000];
-        let expected_len = 2 + 2 + 4 + 200 + 10 + 70_000;
+        let mut ping = Vec::new();
+        push_ping(&mut ping);
+        let expected_len = 2 + 4 + 4 + 200 + 10 + 70_000;
         let reader = tokio::spawn(async move {
             let mut read = vec![0; expected_len];
             client.read_exact(&mut read).await.unwrap();
             read
         });
-        conn.write_texts(&[b"ab", &[b'z'; 200], &long]).await.unwrap();
+        // The first call writes the ping and part of the frames (the pipe holds 4 KiB); the rest follow.
+        let payloads: [&[u8]; 3] = [b"ab", &[b'z'; 200], &long];
+        let mut written = poll_fn(|cx| conn.poll_write_frames(cx, &ping, &payloads, 0)).await.unwrap();
+        assert!(written < expected_len);
+        while written < expected_len {
+            written += poll_fn(|cx| conn.poll_write_frames(cx, &ping, &payloads, written)).await.unwrap();
+        }
         let read = reader.await.unwrap();
-        assert_eq!(&read[..4], b"\x81\x02ab");
-        assert_eq!(&read[4..8], &[0x81, 126, 0, 200]);
-        assert_eq!(&read[208..218], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
-        assert!(read[218..].iter().all(|&b| b == b'y'));
+        assert_eq!(&read[..6], b"\x89\x00\x81\x02ab");
+        assert_eq!(&read[6..10], &[0x81, 126, 0, 200]);
+        assert_eq!(&read[210..220], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert!(read[220..].iter().all(|&b| b == b'y'));
+        assert_eq!(text_frame_len(70_000), 70_010);
     }
 
     #[tokio::test]
     async fn a_write_cut_off_mid_frame_refuses_further_writes() {
-        // A peer that reads nothing: 1 KiB of buffer, so a 4 KiB frame goes out in part and then waits.
-        let (_client, server) = tokio::io::duplex(1024);
+        // A peer that reads nothing and a 16-byte pipe: a close frame with a long reason goes out in part.
+        let (_client, server) = tokio::io::duplex(16);
         let mut conn = WsConn::new(server, Vec::new(), 1000);
-        let big = vec![b'x'; 4096];
-        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), conn.write_texts(&[&big])).await;
+        let reason = "x".repeat(100);
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), conn.close(Some(1000), &reason)).await;
         assert!(cut.is_err(), "the write should still be waiting for the peer");
-        assert!(conn.close(Some(1000), "").await.is_err(), "a close frame now would land inside the data frame");
+        assert!(conn.close(Some(1000), "").await.is_err(), "a close frame now would land inside the first one");
         // A write dropped before any byte went out leaves the stream whole.
         let (_client, server) = tokio::io::duplex(1024);
         let mut conn = WsConn::new(server, Vec::new(), 1000);
-        conn.write_texts(&[&[b'y'; 1020]]).await.unwrap(); // 4 header bytes + 1,020: the buffer is full
-        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), conn.write_texts(&[&big])).await;
+        write_texts(&mut conn, &[&[b'y'; 1020]]).await.unwrap(); // 4 header bytes + 1,020: the pipe is full
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), conn.close(Some(1000), "")).await;
         assert!(cut.is_err());
-        assert!(!conn.torn, "nothing of the second frame could be written");
+        assert!(!conn.torn, "nothing of the close frame could be written");
     }
 
     #[test]

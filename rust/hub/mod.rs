@@ -32,6 +32,7 @@ use channel::{Channel, Held};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::Broker;
 use crate::conn::outbox::{ConnId, Outbox};
+use crate::conn::sweep::Connections;
 use crate::presence::Member;
 use crate::protocol::Reply;
 use crate::stats::Stats;
@@ -97,6 +98,8 @@ pub struct Hub {
     /// User id → that user's open connections, for `to_user`.
     users: RwLock<HashMap<Arc<str>, Vec<Arc<Outbox>>>>,
     connections: AtomicUsize,
+    /// Every upgraded connection's outbox, for the sweeper (heartbeats, idle timeout, stop).
+    pub live: Arc<Connections>,
     next_conn_id: AtomicU64,
     /// Distinguishes this process's socket ids from another node's (`"<node>.<conn>"`, Pusher's socket_id shape).
     node_id: u32,
@@ -117,6 +120,7 @@ impl Hub {
             channels: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             connections: AtomicUsize::new(0),
+            live: Arc::default(),
             next_conn_id: AtomicU64::new(1),
             node_id,
             stats: Stats::default(),
@@ -481,7 +485,7 @@ mod tests {
     use super::*;
 
     fn conn(hub: &Hub) -> (Arc<Outbox>, crate::conn::outbox::OutboxReceiver) {
-        Outbox::new(hub.new_conn_id(), 1 << 20)
+        Outbox::new(hub.new_conn_id(), 1 << 20, 0)
     }
 
     #[tokio::test]
