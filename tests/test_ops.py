@@ -16,7 +16,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import StartServer, client, push, raw_websocket
+from conftest import StartServer, client, masked_frame, push, raw_websocket
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -210,6 +210,31 @@ async def test_heartbeat_closes_a_silent_client_and_keeps_a_responsive_one(start
         await asyncio.sleep(1.0)
         assert await responsive.request({"event": "ping"}) == {"event": "pong"}
     silent.close()
+
+
+async def test_a_client_that_talks_but_never_reads_is_closed_after_idle_timeout(start_server: StartServer) -> None:
+    # Its messages keep it "heard", so only the stalled-write rule can close it: a write waiting for room in the
+    # socket for idle_timeout. The queue bound is high so that the slow-consumer rule (4100) stays out of it.
+    server = start_server(heartbeat_interval=0, idle_timeout=0.6, send_queue_bytes=256 * 1024 * 1024)
+    sock = await asyncio.to_thread(raw_websocket, server)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(masked_frame(0x81, json.dumps({"event": "subscribe", "data": {"channel": "feed"}}).encode()))
+    await eventually(lambda: fastws.channel_stats("feed")["subscribers"] == 1)
+    chunk = "x" * 60_000
+    for _ in range(300):  # 18 MB: more than the socket buffers on both sides hold
+        await push("feed", chunk)
+    started = time.monotonic()
+    ping = masked_frame(0x81, b'{"event": "ping"}')
+    closed_after = None
+    while time.monotonic() - started < 6:
+        sock.sendall(ping)  # the server still reads: it is only its writes that wait
+        await asyncio.sleep(0.1)
+        if fastws.connection_count() == 0:
+            closed_after = time.monotonic() - started
+            break
+    sock.close()
+    assert closed_after is not None, "a client whose socket never drains must not be kept forever"
+    assert closed_after > 0.5
 
 
 async def test_max_connections_refuses_with_503_and_keeps_the_others(start_server: StartServer) -> None:
