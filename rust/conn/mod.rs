@@ -106,8 +106,7 @@ where
         outbox,
         user,
         subscriptions: Vec::new(),
-        pending: Vec::new(),
-        authorizations: None,
+        waiting: None,
         hub,
         config,
     };
@@ -163,8 +162,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     None => continue,
                 }
             }
-            if let Some(authorizations) = self.session.authorizations.as_mut().filter(|a| !a.is_empty()) {
-                if let Poll::Ready(Some((channel, settled))) = authorizations.poll_next_unpin(cx) {
+            if let Some(waiting) = self.session.waiting.as_mut().filter(|waiting| !waiting.answers.is_empty()) {
+                if let Poll::Ready(Some((channel, settled))) = waiting.answers.poll_next_unpin(cx) {
                     self.session.settled(&channel, settled);
                     continue;
                 }
@@ -241,14 +240,19 @@ struct Session {
     user: Option<Arc<User>>,
     /// Channels this connection is subscribed to; a short Vec beats a set at `max_channels_per_connection` ≈ 100.
     subscriptions: Vec<Box<str>>,
-    /// Channels whose authorize hook has not answered yet, or (in a cluster) that the broker has not confirmed
-    /// yet: the hub holds those. An unsubscribe meanwhile removes them.
-    pending: Vec<Box<str>>,
-    /// The authorize hooks in flight. They run off the connection task, which keeps serving meanwhile.
-    /// Created at the first authorization: an empty FuturesUnordered already holds two allocations.
-    authorizations: Option<FuturesUnordered<AuthorizationFuture>>,
+    /// Subscriptions waiting for an answer. Boxed and created at the first: most connections never have one.
+    waiting: Option<Box<Waiting>>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
+}
+
+/// Subscriptions waiting for their authorize hook or, in a cluster, for the broker's confirmation.
+#[derive(Default)]
+struct Waiting {
+    /// Their channels (the hub holds those subscribers meanwhile). An unsubscribe meanwhile removes the channel.
+    channels: Vec<Box<str>>,
+    /// The answers in flight. The hooks run off the connection task, which keeps serving meanwhile.
+    answers: FuturesUnordered<AuthorizationFuture>,
 }
 
 type AuthorizationFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (Box<str>, Settled)> + Send>>;
@@ -276,7 +280,9 @@ impl Session {
             Err(ReadError::InvalidUtf8) => return Some(End::Close(CloseCode::InvalidPayload)),
         };
         // Pings count too: each costs a pong, so a ping flood costs writes.
-        let verdict = self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now()));
+        let (limit, burst) = (self.config.rate_limit, self.config.rate_burst);
+        let verdict =
+            self.rate.as_mut().map_or(Verdict::Accept, |rate| rate.check(std::time::Instant::now(), limit, burst));
         match verdict {
             Verdict::Accept => {}
             Verdict::Warn => {
@@ -310,10 +316,39 @@ impl Session {
 
     /// A pending subscription settled, unless it was unsubscribed while its hook ran (then the answer is moot).
     fn settled(&mut self, channel: &str, settled: Settled) {
-        if let Some(index) = self.pending.iter().position(|c| &**c == channel) {
-            self.pending.swap_remove(index);
+        if self.take_pending(channel) {
             self.authorized(channel, settled);
         }
+        if self.waiting.as_ref().is_some_and(|waiting| waiting.channels.is_empty() && waiting.answers.is_empty()) {
+            self.waiting = None;
+        }
+    }
+
+    fn subscribed(&mut self, channel: &str) {
+        // Most connections hold one or two channels: room for one at first, not the four a first push reserves.
+        if self.subscriptions.capacity() == 0 {
+            self.subscriptions.reserve_exact(1);
+        }
+        self.subscriptions.push(channel.into());
+    }
+
+    fn is_pending(&self, channel: &str) -> bool {
+        self.waiting.as_ref().is_some_and(|waiting| waiting.channels.iter().any(|c| &**c == channel))
+    }
+
+    /// Stop waiting for `channel`; false if it was not pending.
+    fn take_pending(&mut self, channel: &str) -> bool {
+        let Some(waiting) = self.waiting.as_mut() else { return false };
+        let Some(index) = waiting.channels.iter().position(|c| &**c == channel) else { return false };
+        waiting.channels.swap_remove(index);
+        true
+    }
+
+    /// Hold `channel` as pending until `answer` settles it.
+    fn wait_for(&mut self, channel: &str, answer: AuthorizationFuture) {
+        let waiting = self.waiting.get_or_insert_with(Box::default);
+        waiting.channels.push(channel.into());
+        waiting.answers.push(answer);
     }
 
     fn handle_text(&mut self, text: &str) {
@@ -338,10 +373,10 @@ impl Session {
             self.hub.join(channel, &self.outbox, member);
             return;
         }
-        if self.pending.iter().any(|c| &**c == channel) {
+        if self.is_pending(channel) {
             return; // the reply comes when the authorize hook (or the cluster) answers
         }
-        let count = self.subscriptions.len() + self.pending.len();
+        let count = self.subscriptions.len() + self.waiting.as_ref().map_or(0, |waiting| waiting.channels.len());
         if count >= self.config.max_channels_per_connection {
             return self.refuse(&Refusal::new(
                 ErrorCode::TooManyChannels,
@@ -367,13 +402,15 @@ impl Session {
         match self.config.auth.authorize_now(&user.id, channel) {
             Some(decision) => self.authorized(channel, Settled::Authorization(Ok(decision))),
             None => {
-                self.pending.push(channel.into());
                 let auth = self.config.auth.clone();
-                let channel: Box<str> = channel.into();
-                self.authorizations.get_or_insert_with(FuturesUnordered::new).push(Box::pin(async move {
-                    let decision = auth.authorize(&user, &channel).await;
-                    (channel, Settled::Authorization(decision))
-                }));
+                let name: Box<str> = channel.into();
+                self.wait_for(
+                    channel,
+                    Box::pin(async move {
+                        let decision = auth.authorize(&user, &name).await;
+                        (name, Settled::Authorization(decision))
+                    }),
+                );
             }
         }
     }
@@ -383,7 +420,7 @@ impl Session {
     fn authorized(&mut self, channel: &str, outcome: Settled) {
         let decision = match outcome {
             Settled::Authorization(decision) => decision,
-            Settled::Joined(Ok(())) => return self.subscriptions.push(channel.into()),
+            Settled::Joined(Ok(())) => return self.subscribed(channel),
             Settled::Joined(Err(_)) => return, // let go unconfirmed: nothing was sent
         };
         let info = match decision {
@@ -420,12 +457,10 @@ impl Session {
     /// cluster it may hold the subscriber until the broker confirms the channel; it is pending until then.
     fn join(&mut self, channel: &str, member: Option<MemberJoin>) {
         match self.hub.join(channel, &self.outbox, member) {
-            Joining::Done => self.subscriptions.push(channel.into()),
+            Joining::Done => self.subscribed(channel),
             Joining::Waiting(released) => {
-                self.pending.push(channel.into());
-                let channel: Box<str> = channel.into();
-                let authorizations = self.authorizations.get_or_insert_with(FuturesUnordered::new);
-                authorizations.push(Box::pin(async move { (channel, Settled::Joined(released.await)) }));
+                let name: Box<str> = channel.into();
+                self.wait_for(channel, Box::pin(async move { (name, Settled::Joined(released.await)) }));
             }
         }
     }
@@ -434,8 +469,7 @@ impl Session {
         if let Err(refusal) = protocol::validate_channel_name(channel) {
             return self.refuse(&refusal);
         }
-        if let Some(index) = self.pending.iter().position(|c| &**c == channel) {
-            self.pending.swap_remove(index);
+        if self.take_pending(channel) {
             self.hub.unsubscribe(channel, self.id); // the hub may be holding it for the cluster
         }
         if let Some(index) = self.subscriptions.iter().position(|c| &**c == channel) {
@@ -485,7 +519,8 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        for channel in self.subscriptions.drain(..).chain(self.pending.drain(..)) {
+        let pending = self.waiting.as_mut().map(|waiting| std::mem::take(&mut waiting.channels)).unwrap_or_default();
+        for channel in self.subscriptions.drain(..).chain(pending) {
             self.hub.unsubscribe(&channel, self.id);
         }
     }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 /// How long a client may stay over the limit after its 4029 before it is closed.
 const GRACE: Duration = Duration::from_secs(1);
 
+/// One connection's bucket. The rate and burst are the server's (passed to [`RateLimiter::check`]), not copied
+/// into every connection.
 pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
     tokens: f64,
     refilled: Instant,
     /// When the current violation began (its 4029), and the last message dropped in it.
@@ -32,22 +32,15 @@ pub enum Verdict {
 }
 
 impl RateLimiter {
-    /// A limiter; a rate of zero or less disables it.
+    /// A limiter with a full bucket; a rate of zero or less disables it.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Option<Self> {
-        let burst = burst.max(1.0);
-        (rate > 0.0).then_some(RateLimiter {
-            rate,
-            burst,
-            tokens: burst,
-            refilled: now,
-            over_since: None,
-            last_drop: now,
-        })
+        (rate > 0.0).then_some(RateLimiter { tokens: burst.max(1.0), refilled: now, over_since: None, last_drop: now })
     }
 
-    pub fn check(&mut self, now: Instant) -> Verdict {
+    /// One message at `now`, with the server's `rate` (per second) and `burst`.
+    pub fn check(&mut self, now: Instant, rate: f64, burst: f64) -> Verdict {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * rate).min(burst.max(1.0));
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -80,24 +73,26 @@ mod tests {
     fn burst_then_4029_then_1008_for_a_client_that_keeps_going() {
         let start = Instant::now();
         let mut limiter = RateLimiter::new(1.0, 2.0, start).unwrap();
-        assert_eq!(limiter.check(start), Verdict::Accept);
-        assert_eq!(limiter.check(start), Verdict::Accept);
-        assert_eq!(limiter.check(start), Verdict::Warn);
-        assert_eq!(limiter.check(at(start, 500)), Verdict::Drop);
-        assert_eq!(limiter.check(at(start, 1000)), Verdict::Accept, "a refilled token is still accepted");
-        assert_eq!(limiter.check(at(start, 1000)), Verdict::Close, "dropping again a second after the 4029");
+        let mut check = |at: Instant| limiter.check(at, 1.0, 2.0);
+        assert_eq!(check(start), Verdict::Accept);
+        assert_eq!(check(start), Verdict::Accept);
+        assert_eq!(check(start), Verdict::Warn);
+        assert_eq!(check(at(start, 500)), Verdict::Drop);
+        assert_eq!(check(at(start, 1000)), Verdict::Accept, "a refilled token is still accepted");
+        assert_eq!(check(at(start, 1000)), Verdict::Close, "dropping again a second after the 4029");
     }
 
     #[test]
     fn a_client_that_slows_down_is_forgiven() {
         let start = Instant::now();
         let mut limiter = RateLimiter::new(10.0, 1.0, start).unwrap();
-        assert_eq!(limiter.check(start), Verdict::Accept);
-        assert_eq!(limiter.check(start), Verdict::Warn);
+        let mut check = |at: Instant| limiter.check(at, 10.0, 1.0);
+        assert_eq!(check(start), Verdict::Accept);
+        assert_eq!(check(start), Verdict::Warn);
         for ms in [200, 400, 600, 800, 1000, 1200] {
-            assert_eq!(limiter.check(at(start, ms)), Verdict::Accept);
+            assert_eq!(check(at(start, ms)), Verdict::Accept);
         }
-        assert_eq!(limiter.check(at(start, 1200)), Verdict::Warn, "a new violation gets a new 4029");
+        assert_eq!(check(at(start, 1200)), Verdict::Warn, "a new violation gets a new 4029");
     }
 
     #[test]
