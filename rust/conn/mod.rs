@@ -81,7 +81,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let id = hub.new_conn_id();
-    let socket_id: Arc<str> = hub.socket_id(id).into();
+    let socket_id = hub.socket_id(id);
     let (outbox, rx) = Outbox::new(id, config.send_queue_bytes, hub.live.now());
     hub.live.add(&outbox);
     // The sweeper raises GoingAway on the connections it knows of when the server stops; one that registers
@@ -102,7 +102,6 @@ where
     let session = Session {
         id,
         rate: RateLimiter::new(config.rate_limit, config.rate_burst, std::time::Instant::now()),
-        socket_id,
         outbox,
         user,
         subscriptions: Vec::new(),
@@ -110,7 +109,8 @@ where
         hub,
         config,
     };
-    session.reply(&Reply::Connected { socket_id: &session.socket_id });
+    session.reply(&Reply::Connected { socket_id: &socket_id });
+    drop(socket_id);
     let mut connection = Connection { ws, rx, writer: Writer::default(), session };
 
     async move {
@@ -122,7 +122,7 @@ where
         // Boxed: the closing handshake's futures are needed once, not for the task's lifetime.
         Box::pin(connection.finish(end)).await;
         if let Some(hooks) = hooks {
-            let socket_id = Arc::clone(&connection.session.socket_id);
+            let socket_id = connection.session.socket_id();
             let disconnected = hooks.disconnected(&socket_id, end.code());
             tokio::spawn(async move {
                 if let Some(connected) = connected {
@@ -234,7 +234,6 @@ struct Session {
     id: ConnId,
     /// Inbound rate limit; None when `rate_limit` is 0.
     rate: Option<RateLimiter>,
-    socket_id: Arc<str>,
     outbox: Arc<Outbox>,
     /// Who this connection authenticated as; None in open mode.
     user: Option<Arc<User>>,
@@ -324,6 +323,12 @@ impl Session {
         }
     }
 
+    /// The id clients and hooks know this connection by. Made when needed (client publishes, hooks, demo
+    /// presence) rather than kept: it would be one more allocation in every idle connection.
+    fn socket_id(&self) -> String {
+        self.hub.socket_id(self.id)
+    }
+
     fn subscribed(&mut self, channel: &str) {
         // Most connections hold one or two channels: room for one at first, not the four a first push reserves.
         if self.subscriptions.capacity() == 0 {
@@ -390,7 +395,7 @@ impl Session {
         if self.user.is_none() && self.config.demo && channel.starts_with(DEMO_PRESENCE_PREFIX) {
             // Demo mode's anonymous presence: the member is this socket, its info what the client sent.
             let info = info.and_then(|raw| serde_json::from_str(raw.get()).ok()).unwrap_or_default();
-            let member = MemberJoin { user_id: Arc::clone(&self.socket_id), info };
+            let member = MemberJoin { user_id: self.socket_id().into(), info };
             return self.join(channel, Some(member));
         }
         // With authentication configured every connection has a user, so only open mode gets here.
@@ -500,7 +505,7 @@ impl Session {
         }
         match protocol::encode_publication(channel, payload, Origin::Client) {
             Ok(frame) => {
-                self.hub.broadcast(channel, &frame, Some(&self.socket_id));
+                self.hub.broadcast(channel, &frame, Some(&self.socket_id()));
             }
             Err(error) => self.refuse(&Refusal::new(ErrorCode::Malformed, Some(channel), error.to_string())),
         }

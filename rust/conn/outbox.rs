@@ -80,6 +80,9 @@ pub struct OutboxReceiver {
 
 /// Capacity above which a drained queue gives its memory back, so an idle connection after a burst is small.
 const KEEP_CAPACITY: usize = 8;
+/// A queue emptied by a batch this small is probably idle again (a reply, an occasional publication): it gives
+/// its memory back too (160 bytes for the first four slots), while a busy one keeps its room between batches.
+const IDLE_BATCH: usize = 2;
 
 impl Outbox {
     /// An empty outbox; `now` is the current sweep tick (the connection counts as just heard from).
@@ -183,7 +186,7 @@ impl Outbox {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let take = queue.len().min(max);
         batch.extend(queue.drain(..take));
-        if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
+        if queue.is_empty() && (take <= IDLE_BATCH || queue.capacity() > KEEP_CAPACITY) {
             queue.shrink_to(0);
         }
     }
@@ -266,6 +269,17 @@ mod tests {
         }
         while rx.try_recv().is_some() {}
         assert!(outbox.queue.lock().unwrap().capacity() <= KEEP_CAPACITY);
+        // A reply taken on its own (an idle connection's usual traffic) leaves nothing allocated.
+        assert!(outbox.push(Utf8Bytes::from_static("reply")));
+        let mut batch = Vec::new();
+        rx.try_recv_many(&mut batch, 64);
+        assert_eq!((batch.len(), outbox.queue.lock().unwrap().capacity()), (1, 0));
+        // A busy queue keeps a few slots between batches.
+        for _ in 0..4 {
+            assert!(outbox.push(Utf8Bytes::from_static("x")));
+        }
+        rx.try_recv_many(&mut batch, 64);
+        assert!(outbox.queue.lock().unwrap().capacity() > 0);
         drop(rx);
         assert!(!outbox.push(Utf8Bytes::from_static("x")));
     }
