@@ -134,7 +134,15 @@ impl RunningServer {
                     );
                     tokio::spawn(sweeper);
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => accept_loop(listener, hub, Arc::new(config), shutdown.clone()).await,
+                        // On a worker, not on this block_on thread: tasks spawned from a worker go to its own
+                        // queue, while a spawn from outside is a hand-off (a futex wake and a context switch per
+                        // connection) to a worker.
+                        Ok(listener) => {
+                            let accepting = accept_loop(listener, hub, Arc::new(config), shutdown.clone());
+                            if let Err(error) = tokio::spawn(accepting).await {
+                                log::error!("the accept loop failed: {error}");
+                            }
+                        }
                         Err(error) => log::error!("cannot register the listener: {error}"),
                     }
                     // The broker leaves the cluster once stopped: this node's members are removed from Redis.
