@@ -117,8 +117,18 @@ impl Outbox {
             self.raise(Signal::Overflowed);
             return false;
         }
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(Outgoing { frame, timer: timer.cloned() });
-        self.waker.wake();
+        let was_empty = {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let was_empty = queue.is_empty();
+            queue.push_back(Outgoing { frame, timer: timer.cloned() });
+            was_empty
+        };
+        // Only the push that makes the queue non-empty wakes the task: the task drains the queue until it is
+        // empty (or the socket is full, and then the socket wakes it), so a later push is seen without a wake.
+        // This saves the waker's atomics for all but the first frame of a burst.
+        if was_empty {
+            self.waker.wake();
+        }
         true
     }
 
