@@ -289,6 +289,20 @@ async def test_a_push_right_after_subscribed_is_never_missed(redis: Redis, start
         assert (await ana.recv())["data"] == {"x": 1}
 
 
+async def test_a_push_from_a_node_without_subscribers_reaches_the_others(
+    redis: Redis, local_node: Node, start_node: StartNode
+) -> None:
+    # This process's node has nobody on the channel and no connection of the user (push() returns 0), which must
+    # not mean "nothing to send": a single node drops such a push at once, a clustered one still sends it on.
+    b = start_node("b")
+    async with b.client("bob") as bob, b.client("eve") as eve:
+        await bob.subscribe("news")
+        assert await push("news", {"n": 1}) == 0
+        assert await asyncio.to_thread(fastws.to_user("eve").push, {"event": "hello"}) == 0
+        assert await bob.recv() == {"event": "message", "channel": "news", "data": {"n": 1}}
+        assert await eve.recv() == {"event": "hello"}
+
+
 async def test_exclude_skips_a_socket_on_another_node(redis: Redis, start_node: StartNode) -> None:
     a, b = start_node("a"), start_node("b")
     async with a.client("ana") as ana, b.client("bob") as bob:

@@ -59,7 +59,13 @@ impl PyServer {
         let (count, push, sender) = {
             let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
             let running = running.as_ref().ok_or_else(not_running)?;
-            let count = audience(running.server.hub());
+            let hub = running.server.hub();
+            let count = audience(hub);
+            // Nobody on this node and no other node: there is nothing to deliver, so the push ends here rather
+            // than wake the fan-out task for nothing (a futex wake, ~1 us of the caller's time, when it is idle).
+            if count == 0 && !hub.broker().is_clustered() {
+                return Ok(0);
+            }
             match running.pushes.try_push(push) {
                 Ok(()) => return Ok(count),
                 Err(NotQueued::Closed) => return Err(not_running()),
