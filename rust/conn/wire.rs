@@ -378,10 +378,8 @@ fn push_control(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// Append a ping frame (no payload).
-pub fn push_ping(out: &mut Vec<u8>) {
-    push_control(out, opcode::PING, &[]);
-}
+/// A server's heartbeat ping: FIN, the ping opcode, no payload.
+pub const PING_FRAME: [u8; 2] = [0x80 | opcode::PING, 0];
 
 /// Append the pong that answers a ping with this payload.
 pub fn push_pong(out: &mut Vec<u8>, payload: &[u8]) {
@@ -532,8 +530,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 12);
         let mut conn = WsConn::new(server, Vec::new(), 1000);
         let long = vec![b'y'; 70_000];
-        let mut ping = Vec::new();
-        push_ping(&mut ping);
+        let ping = PING_FRAME;
         let expected_len = 2 + 4 + 4 + 200 + 10 + 70_000;
         let reader = tokio::spawn(async move {
             let mut read = vec![0; expected_len];

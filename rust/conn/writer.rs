@@ -45,13 +45,18 @@ struct Unsent {
 }
 
 impl Writer {
-    /// Send a ping with the next write.
+    /// Send a heartbeat ping with the next write (first, and once however often asked).
     pub fn ping(&mut self) {
-        wire::push_ping(&mut self.controls);
+        if !self.controls.starts_with(&wire::PING_FRAME) {
+            self.controls.splice(0..0, wire::PING_FRAME);
+        }
     }
 
-    /// Answer a client's ping with the next write.
+    /// Answer a client's ping with the next write. When several pings wait for an answer only the latest is
+    /// answered (RFC 6455 5.5.3 allows it), so a client that pings and never reads cannot grow this past one pong.
     pub fn pong(&mut self, payload: &[u8]) {
+        let keep = if self.controls.starts_with(&wire::PING_FRAME) { wire::PING_FRAME.len() } else { 0 };
+        self.controls.truncate(keep);
         wire::push_pong(&mut self.controls, payload);
     }
 
@@ -150,4 +155,21 @@ fn written(frames: &[Outgoing], rx: &OutboxReceiver, hub: &Hub) {
         }
     }
     rx.outbox().written(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_control_frames_stay_one_ping_and_the_latest_pong() {
+        let mut writer = Writer::default();
+        for i in 0..1000u32 {
+            writer.pong(&i.to_be_bytes());
+        }
+        writer.ping();
+        writer.ping();
+        writer.pong(b"last");
+        assert_eq!(writer.controls, b"\x89\x00\x8a\x04last");
+    }
 }
