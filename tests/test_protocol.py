@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import StartServer, client, push
+from conftest import StartServer, client, masked_frame, push, raw_websocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -99,6 +99,28 @@ async def test_client_publish_reaches_others_but_not_the_sender(server: fastws.S
         await a.send({"event": "publish", "data": {"channel": "chat.room.1", "payload": {"event": "client-typing"}}})
         assert await b.recv() == {"event": "client-typing", "channel": "chat.room.1"}
         await a.nothing()
+
+
+async def test_a_burst_of_client_publications_keeps_its_order_across_channels(server: fastws.Server) -> None:
+    # One TCP write, so the server reads the whole burst at once: publications to one channel are delivered
+    # together, and a change of channel, or the close at the end, must not reorder or drop any of them.
+    async with client(server) as both, client(server) as only_a:
+        await both.subscribe("chat.a")
+        await both.subscribe("chat.b")
+        await only_a.subscribe("chat.a")
+        sent = [("chat.a", n) for n in range(30)] + [("chat.b", n) for n in range(30, 50)]
+        sent += [("chat.a", n) for n in range(50, 100)]
+        burst = b"".join(
+            masked_frame(0x81, json.dumps({"event": "publish", "data": {"channel": ch, "payload": {"n": n}}}).encode())
+            for ch, n in sent
+        )
+        sock = await asyncio.to_thread(raw_websocket, server)
+        sock.sendall(burst + masked_frame(0x88, (1000).to_bytes(2, "big")))
+        got_both = [await both.recv() for _ in sent]
+        assert [(f["channel"], f["data"]["n"]) for f in got_both] == sent
+        got_a = [(await only_a.recv())["data"]["n"] for ch, _ in sent if ch == "chat.a"]
+        assert got_a == [n for ch, n in sent if ch == "chat.a"]
+        sock.close()
 
 
 async def test_clients_cannot_forge_server_events(server: fastws.Server) -> None:

@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use crate::auth::{Authorization, User};
 use crate::config::ServerConfig;
@@ -106,6 +107,7 @@ where
         user,
         subscriptions: Vec::new(),
         waiting: None,
+        publishing: None,
         hub,
         config,
     };
@@ -115,6 +117,7 @@ where
 
     async move {
         let end = poll_fn(|cx| connection.poll_serve(cx)).await;
+        connection.session.flush_publications();
         connection.session.leave_all();
         if end == End::Close(CloseCode::SlowConsumer) {
             connection.session.hub.stats.slow_consumer_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -162,6 +165,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     None => continue,
                 }
             }
+            // The client's burst is read: its publications go out together.
+            self.session.flush_publications();
             if let Some(waiting) = self.session.waiting.as_mut().filter(|waiting| !waiting.answers.is_empty()) {
                 if let Poll::Ready(Some((channel, settled))) = waiting.answers.poll_next_unpin(cx) {
                     self.session.settled(&channel, settled);
@@ -241,9 +246,21 @@ struct Session {
     subscriptions: Vec<Box<str>>,
     /// Subscriptions waiting for an answer. Boxed and created at the first: most connections never have one.
     waiting: Option<Box<Waiting>>,
+    /// Publications of this client's current burst to one channel, delivered together when the burst is read.
+    publishing: Option<Box<Publishing>>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
 }
+
+/// Consecutive publications to one channel, delivered with one push per subscriber (one outbox lock and one
+/// wake-up instead of one per publication).
+struct Publishing {
+    channel: Box<str>,
+    frames: Vec<Utf8Bytes>,
+}
+
+/// Most publications delivered together.
+const MAX_PUBLISHING: usize = 64;
 
 /// Subscriptions waiting for their authorize hook or, in a cluster, for the broker's confirmation.
 #[derive(Default)]
@@ -358,7 +375,12 @@ impl Session {
 
     fn handle_text(&mut self, text: &str) {
         self.hub.stats.received(text.len());
-        match protocol::decode(text) {
+        let command = protocol::decode(text);
+        // Anything but a publication comes after the publications before it, as the client sent them.
+        if !matches!(command, Ok(Command::Publish { .. })) {
+            self.flush_publications();
+        }
+        match command {
             Ok(Command::Ping) => self.reply(&Reply::Pong),
             Ok(Command::Subscribe { channel, info }) => self.subscribe(&channel, info),
             Ok(Command::Unsubscribe { channel }) => self.unsubscribe(&channel),
@@ -504,10 +526,28 @@ impl Session {
             ));
         }
         match protocol::encode_publication(channel, payload, Origin::Client) {
-            Ok(frame) => {
-                self.hub.broadcast(channel, &frame, Some(&self.socket_id()));
-            }
+            Ok(frame) => self.queue_publication(channel, frame),
             Err(error) => self.refuse(&Refusal::new(ErrorCode::Malformed, Some(channel), error.to_string())),
+        }
+    }
+
+    /// Hold a publication until the client's burst is read (or it goes to another channel, or sends something
+    /// else); [`Session::flush_publications`] delivers the lot.
+    fn queue_publication(&mut self, channel: &str, frame: Utf8Bytes) {
+        match &mut self.publishing {
+            Some(publishing) if &*publishing.channel == channel && publishing.frames.len() < MAX_PUBLISHING => {
+                publishing.frames.push(frame);
+            }
+            _ => {
+                self.flush_publications();
+                self.publishing = Some(Box::new(Publishing { channel: channel.into(), frames: vec![frame] }));
+            }
+        }
+    }
+
+    fn flush_publications(&mut self) {
+        if let Some(publishing) = self.publishing.take() {
+            self.hub.broadcast_many(&publishing.channel, &publishing.frames, Some(&self.socket_id()));
         }
     }
 

@@ -132,6 +132,29 @@ impl Outbox {
         true
     }
 
+    /// Queue several frames at once: one lock and at most one wake for the lot. All or nothing.
+    pub fn push_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)]) -> bool {
+        if self.is_overflowed() || self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let len: usize = frames.iter().map(|(frame, _)| frame.len()).sum();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.limit {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.raise(Signal::Overflowed);
+            return false;
+        }
+        let was_empty = {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let was_empty = queue.is_empty();
+            queue.extend(frames.iter().map(|(frame, timer)| Outgoing { frame: frame.clone(), timer: timer.clone() }));
+            was_empty
+        };
+        if was_empty {
+            self.waker.wake();
+        }
+        true
+    }
+
     pub fn is_overflowed(&self) -> bool {
         self.signals.load(Ordering::Relaxed) & Signal::Overflowed as u8 != 0
     }

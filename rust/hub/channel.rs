@@ -82,6 +82,20 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// Queue `frames` (each with its latency timer, if sampled) for every subscriber but `exclude`, in one push per
+    /// subscriber; returns how many subscribers they were queued for.
+    pub fn deliver_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)], exclude: Option<ConnId>) -> usize {
+        let mut queued = 0;
+        for (id, outbox) in &self.subscribers {
+            if Some(*id) != exclude && outbox.push_many(frames) {
+                queued += 1;
+            }
+        }
+        queued
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -374,6 +374,36 @@ impl Hub {
         queued
     }
 
+    /// Queue several publications to `name` for every local subscriber except `exclude`, one push per subscriber
+    /// for the lot. Returns how many subscribers they were queued for.
+    pub fn publish_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<ConnId>) -> usize {
+        let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        let queued = channels.get(name).map_or(0, |channel| {
+            let timed: Vec<_> = frames.iter().map(|frame| (frame.clone(), self.stats.publish_timer())).collect();
+            let queued = channel.deliver_many(&timed, exclude);
+            for (_, timer) in timed {
+                if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
+                    self.stats.observe_publish_latency(latency);
+                }
+            }
+            queued
+        });
+        drop(channels);
+        for frame in frames {
+            self.stats.published(queued, frame.len());
+        }
+        queued
+    }
+
+    /// Several publications to one channel: [`Hub::broadcast`] for each, with one push per local subscriber.
+    pub fn broadcast_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<&str>) -> usize {
+        let queued = self.publish_many(name, frames, exclude.and_then(|socket_id| self.conn_id_of(socket_id)));
+        for frame in frames {
+            self.broker.publish(name, frame, exclude);
+        }
+        queued
+    }
+
     /// How many local subscribers a publication to `name` would reach now (what `publish` would return).
     pub fn audience(&self, name: &str, exclude: Option<&str>) -> usize {
         let exclude = exclude.and_then(|socket_id| self.conn_id_of(socket_id));
