@@ -101,7 +101,6 @@ where
     };
     drop(request);
     let session = Session {
-        id,
         rate: RateLimiter::new(config.rate_limit, config.rate_burst, std::time::Instant::now()),
         outbox,
         user,
@@ -201,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         if signals & Signal::PingDue as u8 != 0 {
             self.writer.ping();
-            outbox.settle(Signal::PingDue, Signal::Pinged as u8);
+            outbox.ping_sent();
         }
         None
     }
@@ -236,7 +235,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
 /// One connection's state, owned by its task.
 struct Session {
-    id: ConnId,
     /// Inbound rate limit; None when `rate_limit` is 0.
     rate: Option<RateLimiter>,
     outbox: Arc<Outbox>,
@@ -340,10 +338,15 @@ impl Session {
         }
     }
 
+    /// This connection's id: its outbox's, which the hub knows it by.
+    fn id(&self) -> ConnId {
+        self.outbox.id
+    }
+
     /// The id clients and hooks know this connection by. Made when needed (client publishes, hooks, demo
     /// presence) rather than kept: it would be one more allocation in every idle connection.
     fn socket_id(&self) -> String {
-        self.hub.socket_id(self.id)
+        self.hub.socket_id(self.id())
     }
 
     fn subscribed(&mut self, channel: &str) {
@@ -461,7 +464,7 @@ impl Session {
                 ));
             }
             Err(error) => {
-                log::warn!("authorize for {channel} failed on connection {}: {error}", self.id);
+                log::warn!("authorize for {channel} failed on connection {}: {error}", self.id());
                 return self.refuse(&Refusal::new(
                     ErrorCode::Forbidden,
                     Some(channel),
@@ -497,11 +500,11 @@ impl Session {
             return self.refuse(&refusal);
         }
         if self.take_pending(channel) {
-            self.hub.unsubscribe(channel, self.id); // the hub may be holding it for the cluster
+            self.hub.unsubscribe(channel, self.id()); // the hub may be holding it for the cluster
         }
         if let Some(index) = self.subscriptions.iter().position(|c| &**c == channel) {
             self.subscriptions.swap_remove(index);
-            self.hub.unsubscribe(channel, self.id);
+            self.hub.unsubscribe(channel, self.id());
         }
         self.reply(&Reply::Unsubscribed { channel });
     }
@@ -564,9 +567,10 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
+        let id = self.id();
         let pending = self.waiting.as_mut().map(|waiting| std::mem::take(&mut waiting.channels)).unwrap_or_default();
         for channel in self.subscriptions.drain(..).chain(pending) {
-            self.hub.unsubscribe(&channel, self.id);
+            self.hub.unsubscribe(&channel, id);
         }
     }
 }
@@ -576,8 +580,8 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.leave_all();
         if let Some(user) = &self.user {
-            self.hub.remove_user_connection(&user.id, self.id);
+            self.hub.remove_user_connection(&user.id, self.id());
         }
-        self.hub.live.remove(self.id);
+        self.hub.live.remove(self.id());
     }
 }

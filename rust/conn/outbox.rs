@@ -108,10 +108,24 @@ impl Outbox {
 
     /// Queue a frame that may carry a publish latency timer.
     pub fn push_timed(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>) -> bool {
+        let len = frame.len();
+        self.enqueue(len, |queue| queue.push_back(Outgoing { frame, timer: timer.cloned() }))
+    }
+
+    /// Queue several frames at once: one lock and at most one wake for the lot. All or nothing.
+    pub fn push_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)]) -> bool {
+        let len = frames.iter().map(|(frame, _)| frame.len()).sum();
+        self.enqueue(len, |queue| {
+            queue.extend(frames.iter().map(|(frame, timer)| Outgoing { frame: frame.clone(), timer: timer.clone() }));
+        })
+    }
+
+    /// The one way frames enter the queue: refuse when closed or slow, count `len` bytes against the bound (or
+    /// mark the queue slow), `add` the frames under the lock, and wake the task if the queue was empty.
+    fn enqueue(&self, len: usize, add: impl FnOnce(&mut VecDeque<Outgoing>)) -> bool {
         if self.is_overflowed() || self.closed.load(Ordering::Relaxed) {
             return false;
         }
-        let len = frame.len();
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.limit {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.raise(Signal::Overflowed);
@@ -120,35 +134,12 @@ impl Outbox {
         let was_empty = {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             let was_empty = queue.is_empty();
-            queue.push_back(Outgoing { frame, timer: timer.cloned() });
+            add(&mut queue);
             was_empty
         };
         // Only the push that makes the queue non-empty wakes the task: the task drains the queue until it is
         // empty (or the socket is full, and then the socket wakes it), so a later push is seen without a wake.
         // This saves the waker's atomics for all but the first frame of a burst.
-        if was_empty {
-            self.waker.wake();
-        }
-        true
-    }
-
-    /// Queue several frames at once: one lock and at most one wake for the lot. All or nothing.
-    pub fn push_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)]) -> bool {
-        if self.is_overflowed() || self.closed.load(Ordering::Relaxed) {
-            return false;
-        }
-        let len: usize = frames.iter().map(|(frame, _)| frame.len()).sum();
-        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.limit {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.raise(Signal::Overflowed);
-            return false;
-        }
-        let was_empty = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let was_empty = queue.is_empty();
-            queue.extend(frames.iter().map(|(frame, timer)| Outgoing { frame: frame.clone(), timer: timer.clone() }));
-            was_empty
-        };
         if was_empty {
             self.waker.wake();
         }
@@ -171,12 +162,11 @@ impl Outbox {
         self.signals.load(Ordering::Acquire)
     }
 
-    /// The connection task handled a signal (a ping went out): clear it, and set `then` (none: 0).
-    pub fn settle(&self, signal: Signal, then: u8) {
-        self.signals.fetch_and(!(signal as u8), Ordering::AcqRel);
-        if then != 0 {
-            self.signals.fetch_or(then, Ordering::AcqRel);
-        }
+    /// The connection task sent the ping that was due: no other until the client is heard from. One atomic
+    /// update, so the sweeper never sees neither bit set in between (and raises PingDue again).
+    pub fn ping_sent(&self) {
+        let sent = |signals: u8| Some(signals & !(Signal::PingDue as u8) | Signal::Pinged as u8);
+        let _ = self.signals.fetch_update(Ordering::AcqRel, Ordering::Acquire, sent);
     }
 
     /// The client sent something at sweep tick `now`: it is alive, and may be pinged again after a silence.

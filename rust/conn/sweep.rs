@@ -133,7 +133,8 @@ mod tests {
         assert_eq!(limits.check(&outbox, 12), None, "two ticks may be less than 200 ms");
         assert_eq!(limits.check(&outbox, 13), Some(Signal::PingDue));
         outbox.raise(Signal::PingDue);
-        outbox.settle(Signal::PingDue, Signal::Pinged as u8);
+        outbox.ping_sent();
+        assert_eq!(outbox.signals(), Signal::Pinged as u8, "PingDue cleared, Pinged set, in one update");
         assert_eq!(limits.check(&outbox, 14), None, "one ping per silence");
         assert_eq!(limits.check(&outbox, 17), Some(Signal::IdleTimeout));
         outbox.heard(17);

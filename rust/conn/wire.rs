@@ -75,8 +75,8 @@ pub struct WsConn<S> {
     /// The opcode and payload so far of a fragmented message (boxed: rare, and it would size every connection).
     fragments: Option<Box<(u8, Vec<u8>)>>,
     max_message_size: usize,
-    /// A write was cut off (its future dropped on a timeout, an overflow or a stop) after part of a frame went out:
-    /// the stream is mid-frame, so nothing more may be written (a close frame would be read as payload).
+    /// An async write (a close frame; data frames go through `poll_write_frames`) was cut off by its timeout after
+    /// part of the frame went out: the stream is mid-frame, so nothing more may be written.
     torn: bool,
 }
 
