@@ -214,6 +214,39 @@ pub fn encode_user_push(payload: &str) -> Result<Utf8Bytes, InvalidPayload> {
     encode_delivery(None, payload, Origin::Server)
 }
 
+/// What the caller knows of a payload it serialised itself (the Python bridge, from orjson's output and the dict it
+/// inspected), so [`encode_known_delivery`] can build the frame without parsing the JSON again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnownShape {
+    /// An object with an `"event"` key and no `"channel"` key: delivered as is, with `"channel"` appended.
+    EventObject,
+    /// Anything without an `"event"` key at the top: wrapped as `"data"`.
+    Data,
+}
+
+/// The frame [`encode_delivery`] would build for `json`, which must be valid JSON of the given shape (no leading
+/// or trailing whitespace). An object holding both `"event"` and `"channel"` is neither shape: it goes through
+/// [`encode_publication`], which drops the payload's `"channel"`.
+pub fn encode_known_delivery(channel: Option<&str>, json: &str, shape: KnownShape) -> Utf8Bytes {
+    let mut out = String::with_capacity(json.len() + channel.map_or(0, str::len) + 40);
+    match shape {
+        KnownShape::EventObject => {
+            debug_assert!(json.starts_with('{') && json.ends_with('}') && json.len() > 2);
+            match channel {
+                Some(channel) => {
+                    out.push_str(&json[..json.len() - 1]);
+                    out.push_str(",\"channel\":");
+                    push_json_str(&mut out, channel);
+                    out.push('}');
+                }
+                None => out.push_str(json),
+            }
+        }
+        KnownShape::Data => wrap_data(&mut out, channel, json),
+    }
+    Utf8Bytes::from(out)
+}
+
 fn encode_delivery(channel: Option<&str>, payload: &str, origin: Origin) -> Result<Utf8Bytes, InvalidPayload> {
     let trimmed = payload.trim();
     let channel_len = channel.map_or(0, str::len);
@@ -250,21 +283,33 @@ fn encode_delivery(channel: Option<&str>, payload: &str, origin: Origin) -> Resu
         // Validate without building a tree: the payload is written through verbatim below.
         serde_json::from_str::<&RawValue>(trimmed).map_err(|e| InvalidPayload(e.to_string()))?;
     }
-    out.push_str("{\"event\":\"message\",");
-    if let Some(channel) = channel {
-        out.push_str("\"channel\":");
-        push_json_str(&mut out, channel);
-        out.push(',');
-    }
-    out.push_str("\"data\":");
-    out.push_str(trimmed);
-    out.push('}');
+    wrap_data(&mut out, channel, trimmed);
     Ok(Utf8Bytes::from(out))
 }
 
+/// `{"event":"message","channel":…,"data":json}` (no `"channel"` for a user push).
+fn wrap_data(out: &mut String, channel: Option<&str>, json: &str) {
+    out.push_str("{\"event\":\"message\",");
+    if let Some(channel) = channel {
+        out.push_str("\"channel\":");
+        push_json_str(out, channel);
+        out.push(',');
+    }
+    out.push_str("\"data\":");
+    out.push_str(json);
+    out.push('}');
+}
+
 fn push_json_str(out: &mut String, s: &str) {
-    // serde_json's escaping is the reference; writing into a String cannot fail.
-    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    // The common case (every valid channel name, most keys) needs no escape: JSON escapes only `"`, `\` and control
+    // characters. Otherwise serde_json's escaping is the reference; writing into a String cannot fail.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    }
 }
 
 /// Server → client frames other than publications.
@@ -456,6 +501,32 @@ mod tests {
         );
         assert_eq!(encode_user_push(r#"{"event":"e","channel":"x"}"#).unwrap().as_str(), r#"{"event":"e"}"#);
         assert_eq!(encode_user_push("[1]").unwrap().as_str(), r#"{"event":"message","data":[1]}"#);
+    }
+
+    #[test]
+    fn a_payload_of_known_shape_gets_the_frame_a_parsed_one_would() {
+        let cases = [
+            (r#"{"event":"e","data":{"a":[1,"}"]}}"#, KnownShape::EventObject),
+            (r#"{"data":1}"#, KnownShape::Data),
+            ("{}", KnownShape::Data),
+            ("[1,2]", KnownShape::Data),
+            (r#""text""#, KnownShape::Data),
+        ];
+        for (json, shape) in cases {
+            let parsed = encode_publication("chat.room.1", json, Origin::Server).unwrap();
+            assert_eq!(encode_known_delivery(Some("chat.room.1"), json, shape), parsed, "{json}");
+            let parsed = encode_user_push(json).unwrap();
+            assert_eq!(encode_known_delivery(None, json, shape), parsed, "{json}");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_does() {
+        for s in ["plain", "quo\"te", "back\\slash", "tab\there", "João", "\u{1}"] {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap());
+        }
     }
 
     #[test]

@@ -389,6 +389,11 @@ async def test_to_user_reaches_every_connection_of_that_user_only(jwt_server: fa
         assert await asyncio.to_thread(fastws.to_user("999").push, {"x": 1}) == 0
         assert await asyncio.to_thread(fastws.to_user(456).push, [1, 2]) == 1
         assert await other.recv() == {"event": "message", "data": [1, 2]}
+        # A user push has no "channel": one in the payload is dropped, wherever it was.
+        assert await asyncio.to_thread(fastws.to_user(456).push, {"channel": "x", "event": "e"}) == 1
+        assert await asyncio.wait_for(other.ws.recv(), 5) == '{"event":"e"}'
+        assert await asyncio.to_thread(fastws.to_user(456).push, {"event": "e", "n": 1}) == 1
+        assert await asyncio.wait_for(other.ws.recv(), 5) == '{"event":"e","n":1}'
 
 
 # -- fastws token -----------------------------------------------------------------------------------------------

@@ -37,6 +37,27 @@ async def test_non_event_payloads_are_wrapped_as_message(server: fastws.Server) 
         assert await c.recv() == {"event": "raw", "data": [1], "channel": "news"}
 
 
+async def test_every_payload_form_arrives_as_documented(server: fastws.Server) -> None:
+    # The raw text, not just the parsed object: a "channel" key written twice would parse as one.
+    class Event(dict[str, object]):
+        pass
+
+    cases: list[tuple[object, str]] = [
+        ({"event": "e", "data": {"a": [1, "}"]}}, '{"event":"e","data":{"a":[1,"}"]},"channel":"news"}'),
+        ({"channel": "fake", "event": "e", "data": 1}, '{"event":"e","data":1,"channel":"news"}'),
+        ({"data": 1, "channel": "fake"}, '{"event":"message","channel":"news","data":{"data":1,"channel":"fake"}}'),
+        (Event(event="sub", n=1), '{"event":"sub","n":1,"channel":"news"}'),
+        (bytearray(b"[1]"), '{"event":"message","channel":"news","data":[1]}'),
+        (memoryview(b' {"event":"m"} '), '{"event":"m","channel":"news"}'),
+        ({}, '{"event":"message","channel":"news","data":{}}'),
+    ]
+    async with client(server) as c:
+        await c.subscribe("news")
+        for payload, frame in cases:
+            assert await push("news", payload) == 1
+            assert await asyncio.wait_for(c.ws.recv(), 5) == frame, payload
+
+
 async def test_unsubscribe_stops_delivery(server: fastws.Server) -> None:
     async with client(server) as c:
         await c.subscribe("news")

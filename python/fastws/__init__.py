@@ -56,9 +56,12 @@ def push(channel: str, payload: Any, *, exclude: str | None = None) -> int:
     ``FASTWS_URL`` (see ``Client.push``, which says what the number returned counts on each route). Raises
     ``NotRunning`` when there is none of the three.
     """
-    server = _app._current  # the common case first: a module lookup, not current_target()'s import and checks
+    # The common case first, straight to the native call: a module lookup, not current_target()'s import and
+    # checks, nor Server.push's frame (this is the API's hot path).
+    server = _app._current
     if server is not None:
-        return server.push(channel, payload, exclude=exclude)
+        native = server._native
+        return native.push(channel, payload, exclude) if native is not None else server.push(channel, payload)
     return current_target().push(channel, payload, exclude=exclude)
 
 

@@ -58,8 +58,10 @@ class NativeServer:
     def broker(self) -> str:
         """How this node reaches the others: ``"memory"`` (alone) or ``"redis (<url>, prefix <p>, node <id>)"``."""
 
-    def push(self, channel: str, payload: bytes, exclude: str | None = None) -> int:
-        """Queue ``payload`` (JSON bytes) for the channel's subscribers on every node, except socket ``exclude``.
+    def push(self, channel: str, payload: object, exclude: str | None = None) -> int:
+        """Queue ``payload`` for the channel's subscribers on every node, except socket ``exclude``.
+
+        ``bytes``, ``bytearray`` and ``memoryview`` are JSON text; anything else is serialised with orjson.
 
         The fan-out runs on the server's threads; the call waits only when 65,536 pushes are already queued.
 
@@ -68,6 +70,7 @@ class NativeServer:
 
         Raises:
             ValueError: invalid channel name, or the payload is not JSON.
+            TypeError: the payload is not JSON-serialisable.
             RuntimeError: the server is not running.
         """
 
@@ -75,11 +78,12 @@ class NativeServer:
     def jwt_algorithms(self) -> list[str]:
         """The JWT algorithms the core accepts: the configured ones whose key family is configured."""
 
-    def push_to_user(self, user_id: str, payload: bytes) -> int:
-        """Queue ``payload`` (JSON bytes) for a user's connections on every node; returns how many on this node.
+    def push_to_user(self, user_id: str, payload: object) -> int:
+        """Queue ``payload`` (as for ``push``) for a user's connections on every node; returns how many on this node.
 
         Raises:
             ValueError: the payload is not JSON.
+            TypeError: the payload is not JSON-serialisable.
             RuntimeError: the server is not running.
         """
 
@@ -123,8 +127,8 @@ class RedisPublisher:
     """
 
     def __new__(cls, url: str, prefix: str = "fastws") -> Self: ...
-    def push(self, channel: str, payload: bytes, exclude: str | None = None) -> int:
-        """Publish ``payload`` (JSON bytes) to a channel.
+    def push(self, channel: str, payload: object, exclude: str | None = None) -> int:
+        """Publish ``payload`` (JSON bytes, or an object serialised with orjson) to a channel.
 
         Returns:
             The number of nodes that received it (those with a subscriber on the channel).
@@ -134,8 +138,8 @@ class RedisPublisher:
             ConnectionError: Redis can't be reached or refused the request.
         """
 
-    def push_to_user(self, user_id: str, payload: bytes) -> int:
-        """Publish ``payload`` (JSON bytes) to a user's connections; returns the number of nodes that received it."""
+    def push_to_user(self, user_id: str, payload: object) -> int:
+        """Publish ``payload`` (as for ``push``) to a user's connections; returns how many nodes received it."""
 
     def presence(self, channel: str) -> list[Member]:
         """The members of a presence channel across the cluster, in arrival order."""

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import orjson
 
-from fastws._encode import encode_payload
 from fastws._fastws import NativeServer, next_log_record
 from fastws._hooks import AuthenticateHook, AuthorizeHook, ConnectHook, DisconnectHook, HookRunner
 from fastws.config import Settings, check_keyword_names, describe_mode, resolve_settings
@@ -380,13 +379,11 @@ class Server:
             TypeError: the payload is not JSON-serialisable.
             NotRunning: the server is not running.
         """
-        # The hot path of the API: no helper calls for the common payloads (a dict, or bytes already holding JSON).
+        # The hot path of the API: the native push serialises with orjson itself (rust/bridge/payload.rs).
         native = self._native
         if native is None:
             native = self._require()
-        kind = type(payload)
-        data = orjson.dumps(payload) if kind is dict else payload if kind is bytes else encode_payload(payload)
-        return native.push(channel, data, exclude)
+        return native.push(channel, payload, exclude)
 
     def to_channel(self, name: str) -> ChannelTarget:
         """The seed's fluent form: ``server.to_channel("chat.room.1").push({...})``."""
@@ -402,7 +399,7 @@ class Server:
         Delivered like a channel push without ``"channel"``. Returns how many connections this node has for the
         user when called.
         """
-        return self._require().push_to_user(str(user_id), encode_payload(payload))
+        return self._require().push_to_user(str(user_id), payload)
 
     def presence(self, channel: str) -> list[Member]:
         """The members of a presence channel: ``[{"id", "info", "connected_at"}]``, in arrival order.

@@ -120,9 +120,9 @@ class Client:
             TypeError: the payload is not JSON-serialisable.
             ConnectionError: Redis or the node could not be reached, or refused the request.
         """
-        data = encode_payload(payload)
         if self._publisher is not None:
-            return self._publisher.push(channel, data, exclude)
+            return self._publisher.push(channel, payload, exclude)
+        data = encode_payload(payload)
         fields: dict[str, str] = {"channel": channel}
         if exclude is not None:
             fields["exclude"] = exclude
@@ -135,10 +135,9 @@ class Client:
             Through Redis: the number of nodes that received it (every live node). Through HTTP: the number of
             that user's connections on the node that answered.
         """
-        data = encode_payload(payload)
         if self._publisher is not None:
-            return self._publisher.push_to_user(str(user_id), data)
-        return self._http_publish({"user": str(user_id)}, data)
+            return self._publisher.push_to_user(str(user_id), payload)
+        return self._http_publish({"user": str(user_id)}, encode_payload(payload))
 
     def to_channel(self, name: str) -> ChannelTarget:
         """``client.to_channel("chat.room.1").push({...})``."""

@@ -3,6 +3,7 @@
 
 pub mod callbacks;
 pub mod logging;
+pub mod payload;
 pub mod publisher;
 pub mod push_queue;
 pub mod server;

@@ -8,17 +8,14 @@ use pyo3::exceptions::{PyConnectionError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use crate::bridge::payload;
 use crate::bridge::server::{channel_dict, json_list};
 use crate::broker::redis::RedisPublisher;
-use crate::protocol::{self, Origin};
+use crate::protocol;
 
 #[pyclass(name = "RedisPublisher", module = "fastws._fastws", frozen)]
 pub struct PyRedisPublisher {
     inner: RedisPublisher,
-}
-
-fn utf8(payload: &[u8]) -> PyResult<&str> {
-    std::str::from_utf8(payload).map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))
 }
 
 fn unreachable(message: String) -> PyErr {
@@ -41,18 +38,25 @@ impl PyRedisPublisher {
         RedisPublisher::new(url, prefix).map(|inner| PyRedisPublisher { inner }).map_err(PyValueError::new_err)
     }
 
-    /// Publish `payload` (JSON bytes) to a channel; returns the number of nodes that received it.
+    /// Publish `payload` (JSON bytes, or an object for orjson) to a channel; returns the number of nodes that
+    /// received it.
     #[pyo3(signature = (channel, payload, exclude = None))]
-    fn push(&self, py: Python<'_>, channel: &str, payload: &[u8], exclude: Option<&str>) -> PyResult<usize> {
+    fn push(
+        &self,
+        py: Python<'_>,
+        channel: &str,
+        payload: &Bound<'_, PyAny>,
+        exclude: Option<&str>,
+    ) -> PyResult<usize> {
         protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let frame = protocol::encode_publication(channel, utf8(payload)?, Origin::Server)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let frame = payload::delivery_frame(Some(channel), payload)?;
         py.detach(|| self.inner.publish(channel, frame.as_str(), exclude)).map_err(unreachable)
     }
 
-    /// Push `payload` (JSON bytes) to a user's connections on every node; returns the number of nodes reached.
-    fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &[u8]) -> PyResult<usize> {
-        let frame = protocol::encode_user_push(utf8(payload)?).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    /// Push `payload` (JSON bytes, or an object for orjson) to a user's connections on every node; returns the
+    /// number of nodes reached.
+    fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let frame = payload::delivery_frame(None, payload)?;
         py.detach(|| self.inner.push_to_user(user_id, frame.as_str())).map_err(unreachable)
     }
 

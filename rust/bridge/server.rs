@@ -14,12 +14,13 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::auth::{Hooks, JwtSettings, JwtVerifier, OriginRule};
 use crate::bridge::callbacks::PyHooks;
+use crate::bridge::payload;
 use crate::bridge::push_queue::{self, NotQueued, Push, PushQueue};
 use crate::broker::redis::RedisSettings;
 use crate::broker::BrokerError;
 use crate::config::{seconds, ChannelPatterns, ServerConfig};
 use crate::hub::{ChannelInfo, Hub};
-use crate::protocol::{self, Origin};
+use crate::protocol;
 use crate::server::{RunningServer, StartError};
 
 #[pyclass(name = "NativeServer", module = "fastws._fastws", frozen)]
@@ -246,15 +247,18 @@ impl PyServer {
         Ok((addr.ip().to_string(), addr.port()))
     }
 
-    /// Queue `payload` (JSON bytes) for the channel's subscribers on every node; returns how many subscribers this
-    /// node has for it now (what the fan-out will deliver to unless they leave first).
+    /// Queue `payload` (JSON bytes, or an object for orjson) for the channel's subscribers on every node; returns
+    /// how many subscribers this node has for it now (what the fan-out will deliver to unless they leave first).
     #[pyo3(signature = (channel, payload, exclude = None))]
-    fn push(&self, py: Python<'_>, channel: &str, payload: &[u8], exclude: Option<&str>) -> PyResult<usize> {
+    fn push(
+        &self,
+        py: Python<'_>,
+        channel: &str,
+        payload: &Bound<'_, PyAny>,
+        exclude: Option<&str>,
+    ) -> PyResult<usize> {
         protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let payload = std::str::from_utf8(payload)
-            .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
-        let frame = protocol::encode_publication(channel, payload, Origin::Server)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let frame = payload::delivery_frame(Some(channel), payload)?;
         let push = Push::Channel { name: channel.into(), frame, exclude: exclude.map(Into::into) };
         self.enqueue(py, push, |hub| hub.audience(channel, exclude))
     }
@@ -280,13 +284,10 @@ impl PyServer {
         channel_dict(py, &info)
     }
 
-    /// Queue `payload` (JSON bytes) for every connection of a user on every node; returns how many connections
+    /// Queue `payload` (JSON bytes, or an object for orjson) for every connection of a user on every node; returns how many connections
     /// this node has for the user now.
-    fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &[u8]) -> PyResult<usize> {
-        let payload = std::str::from_utf8(payload)
-            .map_err(|e| PyValueError::new_err(format!("the payload is not UTF-8: {e}")))?;
-        let frame = protocol::encode_user_push(payload).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let push = Push::User { user_id: user_id.into(), frame };
+    fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let push = Push::User { user_id: user_id.into(), frame: payload::delivery_frame(None, payload)? };
         self.enqueue(py, push, |hub| hub.user_audience(user_id))
     }
 
