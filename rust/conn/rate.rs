@@ -4,19 +4,39 @@
 //! dropped one second later is closed with 1008. A client that goes a whole second without a dropped message is
 //! forgiven (its next excess gets a new 4029).
 
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Instant;
 
-/// How long a client may stay over the limit after its 4029 before it is closed.
-const GRACE: Duration = Duration::from_secs(1);
+/// How long (ms) a client may stay over the limit after its 4029 before it is closed.
+const GRACE_MS: u32 = 1_000;
+
+/// A millisecond clock for the limiter: 4 bytes per timestamp instead of an `Instant`'s 16, so every connection's
+/// task is smaller. It wraps after 49.7 days; differences use wrapping arithmetic, so they are right for anything
+/// shorter than that. A gap of a whole multiple of 49.7 days could at worst refill a bucket too little once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Millis(u32);
+
+impl Millis {
+    /// Now, counted from the first call in this process.
+    pub fn now() -> Self {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        Millis(EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u32)
+    }
+
+    fn since(self, earlier: Millis) -> u32 {
+        self.0.wrapping_sub(earlier.0)
+    }
+}
 
 /// One connection's bucket. The rate and burst are the server's (passed to [`RateLimiter::check`]), not copied
 /// into every connection.
 pub struct RateLimiter {
-    tokens: f64,
-    refilled: Instant,
-    /// When the current violation began (its 4029), and the last message dropped in it.
-    over_since: Option<Instant>,
-    last_drop: Instant,
+    tokens: f32,
+    refilled: Millis,
+    /// When the current violation began (its 4029), if one is going on, and the last message dropped in it.
+    over_since: Millis,
+    over: bool,
+    last_drop: Millis,
 }
 
 /// What to do with one inbound message.
@@ -33,30 +53,37 @@ pub enum Verdict {
 
 impl RateLimiter {
     /// A limiter with a full bucket; a rate of zero or less disables it.
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Option<Self> {
-        (rate > 0.0).then_some(RateLimiter { tokens: burst.max(1.0), refilled: now, over_since: None, last_drop: now })
+    pub fn new(rate: f64, burst: f64, now: Millis) -> Option<Self> {
+        (rate > 0.0).then_some(RateLimiter {
+            tokens: burst.max(1.0) as f32,
+            refilled: now,
+            over_since: now,
+            over: false,
+            last_drop: now,
+        })
     }
 
     /// One message at `now`, with the server's `rate` (per second) and `burst`.
-    pub fn check(&mut self, now: Instant, rate: f64, burst: f64) -> Verdict {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst.max(1.0));
+    pub fn check(&mut self, now: Millis, rate: f64, burst: f64) -> Verdict {
+        let elapsed = f64::from(now.since(self.refilled)) / 1_000.0;
+        self.tokens = (f64::from(self.tokens) + elapsed * rate).min(burst.max(1.0)) as f32;
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            if now.saturating_duration_since(self.last_drop) >= GRACE {
-                self.over_since = None;
+            if now.since(self.last_drop) >= GRACE_MS {
+                self.over = false;
             }
             return Verdict::Accept;
         }
         self.last_drop = now;
-        match self.over_since {
-            None => {
-                self.over_since = Some(now);
-                Verdict::Warn
-            }
-            Some(since) if now.saturating_duration_since(since) >= GRACE => Verdict::Close,
-            Some(_) => Verdict::Drop,
+        if !self.over {
+            self.over = true;
+            self.over_since = now;
+            Verdict::Warn
+        } else if now.since(self.over_since) >= GRACE_MS {
+            Verdict::Close
+        } else {
+            Verdict::Drop
         }
     }
 }
@@ -65,15 +92,15 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    fn at(start: Instant, ms: u64) -> Instant {
-        start + Duration::from_millis(ms)
+    fn at(start: Millis, ms: u32) -> Millis {
+        Millis(start.0.wrapping_add(ms))
     }
 
     #[test]
     fn burst_then_4029_then_1008_for_a_client_that_keeps_going() {
-        let start = Instant::now();
+        let start = Millis::now();
         let mut limiter = RateLimiter::new(1.0, 2.0, start).unwrap();
-        let mut check = |at: Instant| limiter.check(at, 1.0, 2.0);
+        let mut check = |at: Millis| limiter.check(at, 1.0, 2.0);
         assert_eq!(check(start), Verdict::Accept);
         assert_eq!(check(start), Verdict::Accept);
         assert_eq!(check(start), Verdict::Warn);
@@ -84,9 +111,9 @@ mod tests {
 
     #[test]
     fn a_client_that_slows_down_is_forgiven() {
-        let start = Instant::now();
+        let start = Millis::now();
         let mut limiter = RateLimiter::new(10.0, 1.0, start).unwrap();
-        let mut check = |at: Instant| limiter.check(at, 10.0, 1.0);
+        let mut check = |at: Millis| limiter.check(at, 10.0, 1.0);
         assert_eq!(check(start), Verdict::Accept);
         assert_eq!(check(start), Verdict::Warn);
         for ms in [200, 400, 600, 800, 1000, 1200] {
@@ -96,7 +123,18 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_wrapping_around_changes_nothing() {
+        let start = Millis(u32::MAX - 500);
+        let mut limiter = RateLimiter::new(1.0, 1.0, start).unwrap();
+        let mut check = |at: Millis| limiter.check(at, 1.0, 1.0);
+        assert_eq!(check(start), Verdict::Accept);
+        assert_eq!(check(at(start, 400)), Verdict::Warn);
+        assert_eq!(check(at(start, 1000)), Verdict::Accept, "refilled across the wrap");
+        assert_eq!(check(at(start, 1400)), Verdict::Close, "still dropping a second after the 4029");
+    }
+
+    #[test]
     fn zero_rate_disables_the_limit() {
-        assert!(RateLimiter::new(0.0, 10.0, Instant::now()).is_none());
+        assert!(RateLimiter::new(0.0, 10.0, Millis::now()).is_none());
     }
 }

@@ -74,7 +74,8 @@ pub struct WsConn<S> {
     start: usize,
     /// The opcode and payload so far of a fragmented message (boxed: rare, and it would size every connection).
     fragments: Option<Box<(u8, Vec<u8>)>>,
-    max_message_size: usize,
+    /// u32 (a limit above 4 GiB acts as 4 GiB): it packs with `torn` into one word of every connection.
+    max_message_size: u32,
     /// An async write (a close frame; data frames go through `poll_write_frames`) was cut off by its timeout after
     /// part of the frame went out: the stream is mid-frame, so nothing more may be written.
     torn: bool,
@@ -91,6 +92,7 @@ struct Header {
 impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     /// `leftover`: bytes the client sent after its upgrade request, read with it.
     pub fn new(stream: S, leftover: Vec<u8>, max_message_size: usize) -> Self {
+        let max_message_size = u32::try_from(max_message_size).unwrap_or(u32::MAX);
         WsConn { stream, pending: leftover, start: 0, fragments: None, max_message_size, torn: false }
     }
 
@@ -126,7 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     /// Parse frames from `pending` until one completes a message (or is a control frame), or the bytes run out.
     fn parse_pending(&mut self) -> Result<Option<Incoming>, ReadError> {
         loop {
-            let Some(header) = parse_header(&self.pending[self.start..], self.max_message_size)? else {
+            let Some(header) = parse_header(&self.pending[self.start..], self.max_message_size as usize)? else {
                 self.compact();
                 return Ok(None);
             };
@@ -150,7 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
                         return Err(ReadError::Protocol("a continuation frame outside a fragmented message"));
                     };
                     let data = &mut fragments.1;
-                    if data.len() + payload.len() > self.max_message_size {
+                    if data.len() + payload.len() > self.max_message_size as usize {
                         return Err(ReadError::TooBig);
                     }
                     data.extend_from_slice(payload);
@@ -370,19 +372,18 @@ pub fn text_frame_len(len: usize) -> usize {
 }
 
 /// Append a control frame (at most 125 bytes of payload, as RFC 6455 requires of control frames).
-fn push_control(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+fn push_control(out: &mut impl Extend<u8>, opcode: u8, payload: &[u8]) {
     let payload = &payload[..payload.len().min(125)];
     let mut header = [0; 10];
     let len = encode_header(&mut header, opcode, payload.len());
-    out.extend_from_slice(&header[..len]);
-    out.extend_from_slice(payload);
+    out.extend(header[..len].iter().chain(payload).copied());
 }
 
 /// A server's heartbeat ping: FIN, the ping opcode, no payload.
 pub const PING_FRAME: [u8; 2] = [0x80 | opcode::PING, 0];
 
 /// Append the pong that answers a ping with this payload.
-pub fn push_pong(out: &mut Vec<u8>, payload: &[u8]) {
+pub fn push_pong(out: &mut impl Extend<u8>, payload: &[u8]) {
     push_control(out, opcode::PONG, payload);
 }
 

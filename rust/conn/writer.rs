@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::io;
 use std::task::{ready, Context, Poll};
 
+use thin_vec::ThinVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::outbox::{OutboxReceiver, Outgoing, NOT_STALLED};
@@ -29,15 +30,16 @@ thread_local! {
 /// One connection's writer state: control frames to send, and a batch the socket has not taken whole.
 #[derive(Default)]
 pub struct Writer {
-    /// Encoded control frames (pongs, a heartbeat ping) for the next write, ahead of queued frames.
-    controls: Vec<u8>,
+    /// Encoded control frames (pongs, a heartbeat ping) for the next write, ahead of queued frames. One word, and
+    /// freed once written: nearly every connection has none nearly all the time.
+    controls: ThinVec<u8>,
     /// Boxed: rare, and it would size every connection.
     unsent: Option<Box<Unsent>>,
 }
 
 /// A batch partly written: the socket was full.
 struct Unsent {
-    controls: Vec<u8>,
+    controls: ThinVec<u8>,
     frames: Vec<Outgoing>,
     /// Bytes of the batch on the wire (control frames, then each frame's header and payload).
     total: usize,
@@ -68,7 +70,7 @@ impl Writer {
     /// Before a close: forget what is not yet on the wire, except a batch cut off mid-frame (a close frame
     /// written now would be read as part of its payload, so that batch must be completed first).
     pub fn discard_unless_mid_frame(&mut self) {
-        self.controls.clear();
+        self.controls = ThinVec::new();
         if self.unsent.as_ref().is_some_and(|unsent| unsent.written == 0) {
             self.unsent = None;
         }
@@ -118,7 +120,7 @@ impl Writer {
                 if written_now == total {
                     written(batch, rx, hub);
                     batch.clear();
-                    self.controls.clear();
+                    self.controls = ThinVec::new();
                 } else {
                     let controls = std::mem::take(&mut self.controls);
                     let frames = batch.split_off(0); // a new Vec: the thread's buffer keeps its capacity
