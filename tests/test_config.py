@@ -137,6 +137,12 @@ def test_port_out_of_range_message() -> None:
     )
 
 
+def test_max_message_size_fits_the_native_field() -> None:
+    # The connection keeps it as a u32 (rust/conn/wire.rs): a larger value is refused, not silently cut.
+    assert config_error(env={"FASTWS_MAX_MESSAGE_SIZE": "4294967296"}).endswith("must be between 1 and 4294967295")
+    assert resolve_settings(env={"FASTWS_MAX_MESSAGE_SIZE": "4294967295"}).max_message_size == 4_294_967_295
+
+
 def test_port_zero_is_allowed() -> None:
     assert resolve_settings({"port": 0}, env={}).port == 0
 

@@ -214,7 +214,9 @@ SETTINGS: dict[str, SettingSpec] = {
             default_text="number of CPUs",
         ),
         SettingSpec("max_connections", "int", 100_000, "Most connections open at once.", check=_at_least(1)),
-        SettingSpec("max_message_size", "int", 65_536, "Largest client message, in bytes.", check=_at_least(1)),
+        SettingSpec(
+            "max_message_size", "int", 65_536, "Largest client message, in bytes.", check=_between(1, 4_294_967_295)
+        ),
         SettingSpec(
             "max_channels_per_connection",
             "int",

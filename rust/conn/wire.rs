@@ -74,7 +74,7 @@ pub struct WsConn<S> {
     start: usize,
     /// The opcode and payload so far of a fragmented message (boxed: rare, and it would size every connection).
     fragments: Option<Box<(u8, Vec<u8>)>>,
-    /// u32 (a limit above 4 GiB acts as 4 GiB): it packs with `torn` into one word of every connection.
+    /// u32, so it packs with `torn` into one word of every connection: the setting is at most 4 GiB - 1 (config.py).
     max_message_size: u32,
     /// An async write (a close frame; data frames go through `poll_write_frames`) was cut off by its timeout after
     /// part of the frame went out: the stream is mid-frame, so nothing more may be written.
