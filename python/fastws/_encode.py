@@ -1,4 +1,8 @@
-"""Payload → JSON bytes, once per push, before the native fan-out (which never touches a Python object)."""
+"""Payload → JSON bytes for the route that sends JSON text: ``Client``'s HTTP publish.
+
+In-process and Redis pushes pass the payload itself to the native call, which serialises it with orjson
+(rust/bridge/payload.rs) under the same rules.
+"""
 
 from __future__ import annotations
 
