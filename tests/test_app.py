@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -97,6 +98,28 @@ async def test_a_burst_of_pushes_arrives_complete_and_in_order_at_every_subscrib
         for c in (a, b):
             assert [(await c.recv())["data"]["n"] for _ in range(count)] == list(range(count))
         await a.nothing()
+
+
+async def test_interleaved_pushes_keep_their_order_and_their_exclusions(start_server: StartServer) -> None:
+    # The fan-out delivers runs of pushes to one channel together: a run must end where the channel or the
+    # excluded socket changes, and the order across channels must hold.
+    server = start_server()
+    async with client(server) as both, client(server) as only_a:
+        await both.subscribe("a")
+        await both.subscribe("b")
+        await only_a.subscribe("a")
+        rng = random.Random(7)
+        plan = [(rng.choice("aab"), rng.random() < 0.25) for _ in range(600)]
+
+        def burst() -> None:
+            for n, (channel, excluded) in enumerate(plan):
+                fastws.push(channel, {"n": n}, exclude=only_a.socket_id if excluded else None)
+
+        await asyncio.to_thread(burst)
+        assert [(await both.recv())["data"]["n"] for _ in plan] == list(range(len(plan)))
+        expected = [n for n, (channel, excluded) in enumerate(plan) if channel == "a" and not excluded]
+        assert [(await only_a.recv())["data"]["n"] for _ in expected] == expected
+        await only_a.nothing()
 
 
 async def test_stop_delivers_the_queued_pushes_before_going_away(start_server: StartServer) -> None:

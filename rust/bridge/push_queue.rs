@@ -26,6 +26,8 @@ pub const CAPACITY: usize = 65_536;
 const DELIVERIES_PER_TURN: usize = 4_096;
 /// Pushes taken from the queue at once.
 const BATCH: usize = 256;
+/// Most consecutive pushes to one channel delivered together (a window's worth, as a client burst would be).
+const MAX_RUN: usize = 16;
 /// How long `close` waits for the queued pushes to be delivered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -89,11 +91,30 @@ pub fn wait_for_room(sender: &mpsc::Sender<Push>, push: Push) -> Result<(), Clos
 
 async fn fan_out(mut receiver: mpsc::Receiver<Push>, hub: Arc<Hub>) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut run = Vec::with_capacity(MAX_RUN);
     let mut since_yield = 0;
     while receiver.recv_many(&mut batch, BATCH).await > 0 {
-        for push in batch.drain(..) {
+        let mut pushes = batch.drain(..).peekable();
+        while let Some(push) = pushes.next() {
             since_yield += match push {
-                Push::Channel { name, frame, exclude } => hub.broadcast(&name, &frame, exclude.as_deref()),
+                Push::Channel { name, frame, exclude } => {
+                    // Consecutive pushes to one channel (a burst from one caller) go to each subscriber together:
+                    // one outbox lock and at most one wake per subscriber for the run, as client publications do.
+                    run.push(frame);
+                    while run.len() < MAX_RUN {
+                        match pushes.next_if(|next| same_channel(next, &name, exclude.as_deref())) {
+                            Some(Push::Channel { frame, .. }) => run.push(frame),
+                            _ => break,
+                        }
+                    }
+                    let queued = match run.as_slice() {
+                        [frame] => hub.broadcast(&name, frame, exclude.as_deref()),
+                        frames => hub.broadcast_many(&name, frames, exclude.as_deref()),
+                    };
+                    let deliveries = queued * run.len();
+                    run.clear();
+                    deliveries
+                }
                 Push::User { user_id, frame } => hub.broadcast_to_user(&user_id, &frame),
             };
             // A long run of fan-outs would keep the connection tasks of this worker from writing (and the
@@ -104,6 +125,10 @@ async fn fan_out(mut receiver: mpsc::Receiver<Push>, hub: Arc<Hub>) {
             }
         }
     }
+}
+
+fn same_channel(push: &Push, name: &str, exclude: Option<&str>) -> bool {
+    matches!(push, Push::Channel { name: n, exclude: e, .. } if **n == *name && e.as_deref() == exclude)
 }
 
 #[cfg(test)]
