@@ -44,6 +44,12 @@ pub fn delivery_frame(channel: Option<&str>, payload: &Bound<'_, PyAny>) -> PyRe
     }
 }
 
+/// The frame for a push to `channel`, after checking the channel's name (ValueError with the protocol's message).
+pub fn channel_frame(channel: &str, payload: &Bound<'_, PyAny>) -> PyResult<Utf8Bytes> {
+    protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
+    delivery_frame(Some(channel), payload)
+}
+
 fn from_json_text(channel: Option<&str>, json: &[u8]) -> PyResult<Utf8Bytes> {
     let json = utf8(json)?;
     let frame = match channel {

@@ -48,8 +48,7 @@ impl PyRedisPublisher {
         payload: &Bound<'_, PyAny>,
         exclude: Option<&str>,
     ) -> PyResult<usize> {
-        protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let frame = payload::delivery_frame(Some(channel), payload)?;
+        let frame = payload::channel_frame(channel, payload)?;
         py.detach(|| self.inner.publish(channel, frame.as_str(), exclude)).map_err(unreachable)
     }
 

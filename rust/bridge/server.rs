@@ -257,8 +257,7 @@ impl PyServer {
         payload: &Bound<'_, PyAny>,
         exclude: Option<&str>,
     ) -> PyResult<usize> {
-        protocol::validate_channel_name(channel).map_err(|refusal| PyValueError::new_err(refusal.message))?;
-        let frame = payload::delivery_frame(Some(channel), payload)?;
+        let frame = payload::channel_frame(channel, payload)?;
         let push = Push::Channel { name: channel.into(), frame, exclude: exclude.map(Into::into) };
         self.enqueue(py, push, |hub| hub.audience(channel, exclude))
     }
