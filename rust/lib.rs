@@ -24,6 +24,7 @@ use pyo3::prelude::*;
 /// jemalloc for every Rust allocation of the server (Python keeps its own allocator). Why: tokio allocates each
 /// connection's task cell and socket registration 128-byte aligned; glibc serves those with a header and alignment
 /// slack, jemalloc from exact size classes. That is ~200 bytes per idle connection (see Cargo.toml).
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
