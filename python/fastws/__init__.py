@@ -61,7 +61,9 @@ def push(channel: str, payload: Any, *, exclude: str | None = None) -> int:
     server = _app._current
     if server is not None:
         native = server._native
-        return native.push(channel, payload, exclude) if native is not None else server.push(channel, payload)
+        if native is not None:
+            return native.push(channel, payload, exclude)
+        return server.push(channel, payload, exclude=exclude)  # raises NotRunning
     return current_target().push(channel, payload, exclude=exclude)
 
 
