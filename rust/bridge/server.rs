@@ -283,8 +283,8 @@ impl PyServer {
         channel_dict(py, &info)
     }
 
-    /// Queue `payload` (JSON bytes, or an object for orjson) for every connection of a user on every node; returns how many connections
-    /// this node has for the user now.
+    /// Queue `payload` (JSON bytes, or an object for orjson) for every connection of a user on every node;
+    /// returns how many connections this node has for the user now.
     fn push_to_user(&self, py: Python<'_>, user_id: &str, payload: &Bound<'_, PyAny>) -> PyResult<usize> {
         let push = Push::User { user_id: user_id.into(), frame: payload::delivery_frame(None, payload)? };
         self.enqueue(py, push, |hub| hub.user_audience(user_id))

@@ -72,27 +72,18 @@ impl Channel {
 
     /// Queue `frame` for every subscriber but `exclude`; returns how many it was queued for.
     pub fn deliver(&self, frame: &Utf8Bytes, exclude: Option<ConnId>, timer: Option<&Arc<PublishTimer>>) -> usize {
-        let mut queued = 0;
-        for (id, outbox) in &self.subscribers {
-            if Some(*id) != exclude && outbox.push_timed(frame.clone(), timer) {
-                queued += 1;
-            }
-        }
-        queued
+        self.deliver_each(exclude, |outbox| outbox.push_timed(frame.clone(), timer))
     }
-}
 
-impl Channel {
     /// Queue `frames` (each with its latency timer, if sampled) for every subscriber but `exclude`, in one push per
     /// subscriber; returns how many subscribers they were queued for.
     pub fn deliver_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)], exclude: Option<ConnId>) -> usize {
-        let mut queued = 0;
-        for (id, outbox) in &self.subscribers {
-            if Some(*id) != exclude && outbox.push_many(frames) {
-                queued += 1;
-            }
-        }
-        queued
+        self.deliver_each(exclude, |outbox| outbox.push_many(frames))
+    }
+
+    /// `push` to every subscriber but `exclude`; counts those that took it.
+    fn deliver_each(&self, exclude: Option<ConnId>, push: impl Fn(&Outbox) -> bool) -> usize {
+        self.subscribers.iter().filter(|&(id, outbox)| Some(*id) != exclude && push(outbox)).count()
     }
 }
 
