@@ -21,7 +21,9 @@ RESULTS = ROOT / "benches" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 
-SERVER_ORDER = ["fastws", "fastws-2w", "websockets", "picows", "aiohttp", "node-ws", "socketify"]
+SERVER_ORDER = ["fastws", "fastws-2w", "websockets", "picows", "aiohttp", "node-ws", "socketify", "floor", "floor-2w"]
+# Reference points (benches/loadgen/src/bin/floor.rs), not peers: shown in the latency tables only, never as a loss.
+FLOOR_SERVERS = ("floor", "floor-2w")
 
 # scenario -> (headline key path, higher is better, unit label)
 HEADLINE: dict[str, tuple[str, bool, str]] = {
@@ -156,13 +158,14 @@ def fmt_headline(scenario: str, value: float | None) -> str:
 
 
 def summary_table(run: Run) -> list[str]:
-    out = ["| case | metric | " + " | ".join(run.servers) + " |", "|---|---|" + "---:|" * len(run.servers)]
+    servers = [s for s in run.servers if s not in FLOOR_SERVERS]
+    out = ["| case | metric | " + " | ".join(servers) + " |", "|---|---|" + "---:|" * len(servers)]
     for row in run.rows:
         scenario = run.scenario(row)
         _, higher, label = HEADLINE.get(scenario, ("", True, ""))
         base = run.headline(row, "fastws")
         cells = []
-        for server in run.servers:
+        for server in servers:
             value = run.headline(row, server)
             if value is None:
                 spec = run.doc["servers"].get(server, {})
@@ -319,7 +322,7 @@ def losses(run: Run) -> list[str]:
         if base is None:
             continue
         for server in run.servers:
-            if server == "fastws":
+            if server == "fastws" or server in FLOOR_SERVERS:
                 continue
             value = run.headline(row, server)
             if value is None:
@@ -667,6 +670,12 @@ benches/loadgen/target/release/loadgen --smoke --url ws://127.0.0.1:PORT/
   of 4096. fastws runs as `fastws serve --workers 1 --client-publish 'bench*' --idle-timeout 0
   --heartbeat-interval 0 --max-connections 100000 --log-level warning` (plus a rate limit far above any rate here,
   so the default limit of 100 messages/s per connection never throttles the publisher).
+- **The floor** (latency cases only; `floor` pinned like the peers, `floor-2w` with two writer threads and nothing
+  pinned): `benches/loadgen/src/bin/floor.rs`, not a server to use. It answers the bench protocol with no event
+  loop, queue or task wake-up: each publication goes to writer threads that `write()` the frame to each of their
+  subscribers in turn, blocking. One write per subscriber is the least any server must do when a publication
+  reaches each socket alone, so its latency is what this machine and this generator allow; run by hand with
+  `benches/loadgen/target/release/floor --port PORT [--writers 2]`.
 - **The generator's limits.** It reads with one 256 KiB buffer per read, counts frames by parsing headers only,
   and reports its own CPU use: near 100% means the figure is the generator's limit, not the server's.
 - **A shared machine.** The machine may run other work (builds, test suites). Before each run the harness waits up

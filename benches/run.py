@@ -40,6 +40,7 @@ VPY = VENV / "bin" / "python"
 PEERS = BENCH / "peers"
 LOADGEN_DIR = BENCH / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "loadgen"
+FLOOR = LOADGEN_DIR / "target" / "release" / "floor"
 RESULTS = BENCH / "results"
 LOGS = RESULTS / "tmp"  # gitignored: server logs of the last run
 SERVER_CPU, LOADGEN_CPU = "0", "1"
@@ -121,6 +122,9 @@ class ServerSpec:
             cmd = [f"{venv_bin}/fastws", *fastws_flags, "--workers", "1"]
         elif self.name == "fastws-2w":
             cmd = [f"{venv_bin}/fastws", *fastws_flags, "--workers", "2"]
+        elif self.name in FLOOR_SERVERS:
+            writers = "2" if self.name == "floor-2w" else "1"
+            cmd = [rel(FLOOR), "--host", "127.0.0.1", "--port", str(port), "--writers", writers]
         elif self.name == "node-ws":
             cmd = ["node", rel(PEERS / "node_ws.js"), "--host", "127.0.0.1", "--port", str(port)]
         else:
@@ -147,8 +151,20 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec("aiohttp", "Python aiohttp WebSocketResponse on uvloop, await send_str per subscriber"),
         ServerSpec("node-ws", "Node ws (npm) with bufferutil, one pre-encoded Buffer sent to each subscriber"),
         ServerSpec("socketify", "Python socketify (uWebSockets via cffi), native pub/sub app.publish"),
+        ServerSpec(
+            "floor",
+            "not a server to use: benches/loadgen's `floor`, one blocking write() per subscriber and nothing else, "
+            "pinned to one core (the least any server can do per delivery; latency cases only)",
+        ),
+        ServerSpec(
+            "floor-2w",
+            "`floor` with two writer threads, each writing to half the subscribers, nothing pinned (latency only)",
+            pinned=False,
+        ),
     ]
 }
+# Reference points, not peers: run only in the cases that list them (Case.floor).
+FLOOR_SERVERS = ("floor", "floor-2w")
 
 
 class ManagedProcess:
@@ -263,6 +279,8 @@ class Case:
     timeout: float = 180.0
     token: bool = False
     push: bool = False
+    # Also run the `floor` reference servers (FLOOR_SERVERS).
+    floor: bool = False
 
 
 def cases(seconds: float, quick: bool) -> list[Case]:
@@ -287,8 +305,18 @@ def cases(seconds: float, quick: bool) -> list[Case]:
             "fanout",
             ["fanout", "--subscribers", "10000", "--window", "16", "--seconds", s, "--warmup", "0.5"],
         ),
-        Case("latency-1k", "latency", ["latency", "--subscribers", "1000", "--rate", "100,20", "--seconds", lat]),
-        Case("latency-room", "latency", ["latency", "--subscribers", "10", "--rate", "1000", "--seconds", lat]),
+        Case(
+            "latency-1k",
+            "latency",
+            ["latency", "--subscribers", "1000", "--rate", "100,20", "--seconds", lat],
+            floor=True,
+        ),
+        Case(
+            "latency-room",
+            "latency",
+            ["latency", "--subscribers", "10", "--rate", "1000", "--seconds", lat],
+            floor=True,
+        ),
         Case(
             "idle-10k",
             "idle",
@@ -694,6 +722,7 @@ def versions() -> dict[str, Any]:
         "node": run(["node", "--version"]),
         "ws": ws_version,
         "rustc": run(["rustc", "--version"]),
+        "floor": "benches/loadgen/src/bin/floor.rs (built with the generator)",
     }
 
 
@@ -740,18 +769,31 @@ def sign_token() -> str | None:
 
 
 def smoke(skip_install: bool) -> int:
-    """Every generator scenario in miniature against one fastws server: a check of the harness, not a benchmark."""
+    """Every generator scenario in miniature against one fastws server, and a latency run against the floor: a
+    check of the harness, not a benchmark."""
     setup(["fastws"], skip_install)
-    server = RunningServer(SERVERS["fastws"], None, "smoke")
-    try:
-        if not server.wait_ready():
-            log("fastws did not start:\n" + server.log_tail())
-            return 1
-        lines, error = run_generator([rel(LOADGEN), "smoke", "--url", server.url, "--server-pid", str(server.pid)], 60)
-    finally:
-        crashed = server.stop()
-    ok = error is None and crashed is None and any(line.get("ok") for line in lines)
-    log("smoke: " + ("passed" if ok else f"FAILED ({error or 'server exited' if crashed is not None else error})"))
+    ok = True
+    for name, args in [
+        ("fastws", ["smoke"]),
+        ("floor", ["latency", "--subscribers", "50", "--rate", "100", "--seconds", "1"]),
+    ]:
+        server = RunningServer(SERVERS[name], None, "smoke")
+        try:
+            if not server.wait_ready():
+                log(f"{name} did not start:\n" + server.log_tail())
+                return 1
+            cmd = [rel(LOADGEN), *args, "--url", server.url, "--server-pid", str(server.pid)]
+            lines, error = run_generator(cmd, 60)
+        finally:
+            crashed = server.stop()
+        if name == "floor":  # every publication to every subscriber, with latency samples
+            checked = all(line.get("loss") == 0 and (line.get("latency_ms") or {}).get("p99") for line in lines)
+        else:
+            checked = any(line.get("ok") for line in lines)
+        passed = checked and bool(lines) and error is None and crashed is None
+        why = error or ("server exited" if crashed is not None else json.dumps(lines)[:300])
+        log(f"smoke ({name}): " + ("passed" if passed else f"FAILED ({why})"))
+        ok = ok and passed
     return 0 if ok else 1
 
 
@@ -875,6 +917,8 @@ def main() -> int:  # noqa: C901
                 for name in names:
                     spec = SERVERS[name]
                     if case.servers is not None and name not in case.servers:
+                        continue
+                    if name in FLOOR_SERVERS and not case.floor:
                         continue
                     if spec.unavailable:
                         continue
