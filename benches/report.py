@@ -677,7 +677,12 @@ benches/loadgen/target/release/loadgen --smoke --url ws://127.0.0.1:PORT/
   reaches each socket alone, so its latency is what this machine and this generator allow; run by hand with
   `benches/loadgen/target/release/floor --port PORT [--writers 2]`.
 - **The generator's limits.** It reads with one 256 KiB buffer per read, counts frames by parsing headers only,
-  and reports its own CPU use: near 100% means the figure is the generator's limit, not the server's.
+  and reports its own CPU use: near 100% means the figure is the generator's limit, not the server's. At 20/s to
+  1,000 subscribers it spends about 6 ms of CPU reading each publication's 1,000 frames, so no server's p99 there
+  can be much below that (the floor's is 6.8–7.5 ms). `--busy-poll 1` (not used by the harness) keeps it from
+  sleeping in epoll_wait, so a server's writes never wake it: it then uses its whole core, so it is only for a
+  generator pinned apart from the server. Measured by hand at 20/s × 1,000, pinned: the floor's p99 went from 7.0
+  to 5.7 ms with it, while socketify's (7.4 → 7.5 ms) and fastws's (8.1 → 8.4 ms) did not move (one run each).
 - **A shared machine.** The machine may run other work (builds, test suites). Before each run the harness waits up
   to 20 s for less than 0.15 core to be in use; during each run the generator reads /proc/stat and reports as
   *other CPU* what was busy but spent neither by the server nor by itself: the kernel's deferred network work

@@ -775,7 +775,8 @@ def smoke(skip_install: bool) -> int:
     ok = True
     for name, args in [
         ("fastws", ["smoke"]),
-        ("floor", ["latency", "--subscribers", "50", "--rate", "100", "--seconds", "1"]),
+        # --busy-poll: the generator option is checked here too (it spins for this one second).
+        ("floor", ["latency", "--subscribers", "50", "--rate", "100", "--seconds", "1", "--busy-poll", "1"]),
     ]:
         server = RunningServer(SERVERS[name], None, "smoke")
         try:
@@ -786,8 +787,11 @@ def smoke(skip_install: bool) -> int:
             lines, error = run_generator(cmd, 60)
         finally:
             crashed = server.stop()
-        if name == "floor":  # every publication to every subscriber, with latency samples
-            checked = all(line.get("loss") == 0 and (line.get("latency_ms") or {}).get("p99") for line in lines)
+        if name == "floor":  # every publication to every subscriber, with latency samples, busy-polled
+            checked = all(
+                line.get("loss") == 0 and (line.get("latency_ms") or {}).get("p99") and line.get("busy_poll")
+                for line in lines
+            )
         else:
             checked = any(line.get("ok") for line in lines)
         passed = checked and bool(lines) and error is None and crashed is None

@@ -71,6 +71,8 @@ common options
   --concurrency K      connections opened at once during set-up (default 200)
   --channel NAME       channel of fanout/latency/subscribe (default bench)
   --tag TEXT           copied into each JSON line as \"tag\"
+  --busy-poll 1        never sleep in epoll_wait: uses the generator's whole core, so only for a generator pinned
+                       to a core of its own; a server's writes then never wake it (reported as \"busy_poll\")
 ";
 
 fn main() {
@@ -103,6 +105,17 @@ fn main() {
     });
     // Connections still open close with the process.
     std::process::exit(code);
+}
+
+/// With `--busy-poll 1`: a task that is always ready, so the runtime never parks in epoll_wait. Each yield lets
+/// the runtime poll epoll with a zero timeout and run what became ready. The generator then uses its whole core,
+/// but a server's write never has to wake it from sleep (the wake-up that makes a loopback write cost about twice
+/// as much and loopback figures bimodal), so the server's own cost shows alone. Only for a generator on a core of
+/// its own (`taskset`): beside an unpinned server it would take CPU the server needs.
+async fn spin() {
+    loop {
+        tokio::task::yield_now().await;
+    }
 }
 
 fn fail(message: &str) -> ! {
@@ -203,6 +216,8 @@ struct Common {
     concurrency: usize,
     channel: String,
     tag: Option<String>,
+    /// `--busy-poll 1`: never sleep in epoll_wait (see [`spin`]).
+    busy_poll: bool,
 }
 
 impl Common {
@@ -224,11 +239,15 @@ impl Common {
             concurrency: opts.get("concurrency", 200usize)?.max(1),
             channel: opts.str("channel", "bench"),
             tag: opts.values.get("tag").cloned(),
+            busy_poll: opts.get("busy-poll", 0u8)? != 0,
         })
     }
 
     fn json(&self, scenario: &str) -> Json {
-        let j = Json::new().str("scenario", scenario);
+        let mut j = Json::new().str("scenario", scenario);
+        if self.busy_poll {
+            j = j.bool("busy_poll", true);
+        }
         match &self.tag {
             Some(tag) => j.str("tag", tag),
             None => j,
@@ -268,6 +287,9 @@ impl Common {
 
 async fn run(scenario: &str, opts: &Opts) -> Result<bool, String> {
     let common = Common::new(opts)?;
+    if common.busy_poll {
+        tokio::task::spawn_local(spin());
+    }
     match scenario {
         "fanout" => {
             let windows: Vec<u64> = opts.list("window", "16")?;
