@@ -36,7 +36,7 @@ fn main() {
         let (mut publish_ns, mut drain_ns) = (0u128, 0u128);
         for _ in 0..publishes {
             let started = Instant::now();
-            assert_eq!(hub.publish("bench", &frame, None), subscribers);
+            assert_eq!(hub.publish("bench", &frame, None, true), subscribers);
             publish_ns += started.elapsed().as_nanos();
             let started = Instant::now();
             for (rx, outbox) in receivers.iter_mut().zip(&outboxes) {

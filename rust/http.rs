@@ -310,7 +310,7 @@ async fn publish(
             let Ok(frame) = protocol::encode_publication(&channel, payload.get(), Origin::Server) else {
                 return Response::error(400, "\"payload\" must be JSON");
             };
-            hub.broadcast(&channel, &frame, parsed.exclude.as_deref())
+            hub.broadcast(&channel, &frame, parsed.exclude.as_deref(), false)
         }
         (None, Some(user)) => {
             let user_id = match user {

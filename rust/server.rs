@@ -294,9 +294,11 @@ fn handle(
     upgrading.then(|upgraded| match upgraded {
         None => Either::Right(std::future::ready(())),
         Some((Upgraded { stream, leftover, user, request, slot }, hub, config, shutdown)) => {
+            let direct = crate::conn::outbox::direct::Socket::new(&stream);
             let ws = crate::conn::wire::WsConn::new(stream, leftover, config.max_message_size);
             // The slot is released when the connection ends, however it ends.
-            Either::Left(crate::conn::run(ws, user, request, hub, config, &shutdown).map(move |()| drop(slot)))
+            let task = crate::conn::run(ws, direct, user, request, hub, config, &shutdown);
+            Either::Left(task.map(move |()| drop(slot)))
         }
     })
 }

@@ -294,27 +294,27 @@ async fn connect_subscribe_publish_unsubscribe() {
 
     // A payload without "event" is wrapped as a "message"…
     let frame = encode_publication("news", r#"{"title":"hello","n":1}"#, Origin::Server).unwrap();
-    assert_eq!(server.hub().publish("news", &frame, None), 1);
+    assert_eq!(server.hub().publish("news", &frame, None, false), 1);
     assert_eq!(
         recv_json(&mut ws).await,
         json!({"event": "message", "channel": "news", "data": {"title": "hello", "n": 1}})
     );
     // …an object with "event" keeps its shape, keys in the written order, and gains the channel.
     let frame = encode_publication("news", r#"{"event":"breaking","data":[1,2]}"#, Origin::Server).unwrap();
-    assert_eq!(server.hub().publish("news", &frame, None), 1);
+    assert_eq!(server.hub().publish("news", &frame, None, false), 1);
     let Some(Ok(Message::Text(text))) = timeout(WAIT, ws.next()).await.expect("publication arrives") else {
         panic!("expected a text frame");
     };
     assert_eq!(text.as_str(), r#"{"event":"breaking","data":[1,2],"channel":"news"}"#);
     // Another channel's publications do not reach this client.
     let other = encode_publication("sport", "42", Origin::Server).unwrap();
-    assert_eq!(server.hub().publish("sport", &other, None), 0);
+    assert_eq!(server.hub().publish("sport", &other, None, false), 0);
 
     send_json(&mut ws, json!({"event": "unsubscribe", "data": {"channel": "news"}})).await;
     assert_eq!(recv_json(&mut ws).await, json!({"event": "unsubscribed", "channel": "news"}));
     assert!(server.hub().channel_info("news").is_none(), "the empty channel is removed");
     let late = encode_publication("news", r#""too late""#, Origin::Server).unwrap();
-    assert_eq!(server.hub().publish("news", &late, None), 0);
+    assert_eq!(server.hub().publish("news", &late, None, false), 0);
     // Replies keep their order, so a pong right after proves no publication slipped in.
     send_json(&mut ws, json!({"event": "ping"})).await;
     assert_eq!(recv_json(&mut ws).await, json!({"event": "pong"}));
@@ -613,7 +613,7 @@ async fn a_slow_consumer_is_dropped_without_delaying_the_others() {
         }
         let payload = json!({"seq": seq, "pad": pad}).to_string();
         let frame = encode_publication("feed", &payload, Origin::Server).unwrap();
-        let queued = server.hub().publish("feed", &frame, None);
+        let queued = server.hub().publish("feed", &frame, None, false);
         assert!(queued >= 1, "publication {seq} reached nobody");
         if queued == 2 {
             queued_for_both += 1;

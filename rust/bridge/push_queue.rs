@@ -107,9 +107,12 @@ async fn fan_out(mut receiver: mpsc::Receiver<Push>, hub: Arc<Hub>) {
                             _ => break,
                         }
                     }
+                    // With more pushes waiting, the connection tasks batch several runs per write (no direct
+                    // writes: Hub::publish); the last run of a backlog may be written at once.
+                    let more_coming = pushes.peek().is_some() || !receiver.is_empty();
                     let queued = match run.as_slice() {
-                        [frame] => hub.broadcast(&name, frame, exclude.as_deref()),
-                        frames => hub.broadcast_many(&name, frames, exclude.as_deref()),
+                        [frame] => hub.broadcast(&name, frame, exclude.as_deref(), more_coming),
+                        frames => hub.broadcast_many(&name, frames, exclude.as_deref(), more_coming),
                     };
                     let deliveries = queued * run.len();
                     run.clear();

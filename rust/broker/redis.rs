@@ -800,7 +800,7 @@ async fn receive(stream: &mut PubSubStream, shared: &Shared, hub: &Hub) -> Strin
                 Ok(envelope) if envelope.from.as_deref() == Some(shared.node.as_str()) => {}
                 Ok(envelope) => {
                     let exclude = envelope.exclude.as_deref().and_then(|socket_id| hub.conn_id_of(socket_id));
-                    hub.publish(name, &envelope.frame(), exclude);
+                    hub.publish(name, &envelope.frame(), exclude, false);
                 }
                 Err(error) => log::debug!("ignored a malformed message on {channel}: {error}"),
             }

@@ -1,7 +1,8 @@
 //! Stage: connection task. One task per WebSocket connection: it reads client frames, applies them to the hub,
 //! and writes the connection's [`Outbox`] to the socket.
 //!
-//! Everything the client is sent (replies and publications) goes through the outbox, in order. The task is a
+//! Everything the client is sent (replies and publications) goes through the outbox, in order; a sparse
+//! publication may be written by the publisher's thread when the outbox is idle (outbox.rs, "Direct writes"). The task is a
 //! plain `poll` loop over one [`Connection`] struct rather than a `select!` of futures: between wake-ups an idle
 //! connection holds only its socket, its session and a few words of writer state (no timer, no shutdown future,
 //! no per-branch futures), and a wake-up for a burst of publications does no allocation. Heartbeats, the idle
@@ -72,6 +73,7 @@ impl End {
 /// Here they are moved into one [`Connection`] first, and the returned future owns that and little else.
 pub fn run<S>(
     ws: WsConn<S>,
+    direct: Option<outbox::direct::Socket>,
     user: Option<Arc<User>>,
     request: Option<Box<ConnectRequest>>,
     hub: Arc<Hub>,
@@ -84,6 +86,9 @@ where
     let id = hub.new_conn_id();
     let socket_id = hub.socket_id(id);
     let (outbox, rx) = Outbox::new(id, config.send_queue_bytes, hub.live.now());
+    if let Some(socket) = direct {
+        rx.allow_direct(socket);
+    }
     hub.live.add(&outbox);
     // The sweeper raises GoingAway on the connections it knows of when the server stops; one that registers
     // after that look sees the token cancelled here.
@@ -112,10 +117,12 @@ where
     };
     session.reply(&Reply::Connected { socket_id: &socket_id });
     drop(socket_id);
-    let mut connection = Connection { ws, rx, writer: Writer::default(), session };
+    let mut connection = Connection { rx, ws, writer: Writer::default(), session };
 
     async move {
         let end = poll_fn(|cx| connection.poll_serve(cx)).await;
+        // Whatever the end, nothing more is written to the socket but by this task (its close frame).
+        connection.rx.stop_direct();
         connection.session.flush_publications();
         connection.session.leave_all();
         if end == End::Close(CloseCode::SlowConsumer) {
@@ -146,8 +153,10 @@ fn lifecycle_hooks(config: &ServerConfig) -> Option<&Arc<dyn Hooks>> {
 
 /// Everything a connection keeps between wake-ups.
 struct Connection<S> {
-    ws: WsConn<S>,
+    /// Before `ws`: fields drop in order, and dropping the receiver turns direct writes off before the socket
+    /// closes (if the task is dropped unfinished, at a runtime's shutdown).
     rx: OutboxReceiver,
+    ws: WsConn<S>,
     writer: Writer,
     session: Session,
 }
@@ -555,7 +564,7 @@ impl Session {
 
     fn flush_publications(&mut self) {
         if let Some(publishing) = self.publishing.take() {
-            self.hub.broadcast_many(&publishing.channel, &publishing.frames, Some(&self.socket_id()));
+            self.hub.broadcast_many(&publishing.channel, &publishing.frames, Some(&self.socket_id()), false);
         }
     }
 

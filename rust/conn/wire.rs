@@ -367,6 +367,11 @@ fn encode_header(out: &mut [u8; 10], opcode: u8, len: usize) -> usize {
 }
 
 /// The bytes a text frame with a payload of `len` bytes takes on the wire.
+/// The header of a text frame of `len` bytes; returns its length (2–10 bytes).
+pub fn encode_text_header(out: &mut [u8; 10], len: usize) -> usize {
+    encode_header(out, opcode::TEXT, len)
+}
+
 pub fn text_frame_len(len: usize) -> usize {
     encode_header(&mut [0; 10], opcode::TEXT, len) + len
 }

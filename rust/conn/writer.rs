@@ -90,6 +90,13 @@ impl Writer {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         loop {
+            if self.unsent.is_none() {
+                // A direct write the socket took only part of (Outbox::push_timed): complete it first.
+                if let Some((frames, written)) = rx.take_torn() {
+                    let total = frames.iter().map(|outgoing| wire::text_frame_len(outgoing.frame.len())).sum();
+                    self.unsent = Some(Box::new(Unsent { controls: ThinVec::new(), frames, total, written }));
+                }
+            }
             if let Some(unsent) = &mut self.unsent {
                 while unsent.written < unsent.total {
                     let payloads = payloads(&unsent.frames);
@@ -99,15 +106,16 @@ impl Writer {
                 let unsent = self.unsent.take().expect("checked above");
                 written(&unsent.frames, rx, hub);
                 rx.outbox().set_stalled_since(NOT_STALLED);
+                rx.end_write();
                 continue;
             }
             // A fresh batch. When the socket takes it whole (the usual case) nothing is kept; otherwise the loop
             // comes back to it above, which returns Pending until the socket has room.
             let wrote = BATCH.with_borrow_mut(|batch| -> io::Result<bool> {
-                if take_queued {
-                    rx.try_recv_many(batch, MAX_FRAMES_PER_WRITE);
-                }
+                // Marks a write in progress (no direct writes) until end_write, whatever is taken.
+                rx.try_recv_many(batch, if take_queued { MAX_FRAMES_PER_WRITE } else { 0 });
                 if batch.is_empty() && self.controls.is_empty() {
+                    rx.end_write();
                     return Ok(false);
                 }
                 let slices = payloads(batch);
@@ -121,6 +129,7 @@ impl Writer {
                     written(batch, rx, hub);
                     batch.clear();
                     self.controls = ThinVec::new();
+                    rx.end_write();
                 } else {
                     let controls = std::mem::take(&mut self.controls);
                     let frames = batch.split_off(0); // a new Vec: the thread's buffer keeps its capacity
@@ -162,6 +171,66 @@ fn written(frames: &[Outgoing], rx: &OutboxReceiver, hub: &Hub) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::outbox::{direct, Outbox};
+    use std::future::poll_fn;
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tungstenite::Utf8Bytes;
+
+    /// Direct writes (Outbox::write_or_push) into a socket nobody reads fill it; then frames queue, and one may be
+    /// torn (only part of it written directly). Once the client reads, the connection's writer must complete that
+    /// frame and send the rest in order: the client sees whole frames, each once, in the order they were given.
+    #[tokio::test]
+    async fn direct_writes_a_full_socket_and_a_torn_frame_reach_the_client_whole_and_in_order() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (outbox, mut rx) = Outbox::new(1, usize::MAX, 0);
+        rx.allow_direct(direct::Socket::new(&server).unwrap());
+        let mut ws = WsConn::new(server, Vec::new(), 1 << 20);
+        let hub = Hub::new(1);
+
+        let frame = |i: usize| Utf8Bytes::from(format!("{i:08}{}", "x".repeat(60_000)));
+        assert!(outbox.write_or_push(Utf8Bytes::from_static("first"), None));
+        assert!(!rx.has_queued(), "an idle socket takes a frame directly");
+        let mut sent = 0;
+        while !rx.has_queued() {
+            assert!(sent < 10_000, "the socket never filled");
+            assert!(outbox.write_or_push(frame(sent), None));
+            sent += 1;
+        }
+        for _ in 0..3 {
+            assert!(outbox.write_or_push(frame(sent), None), "queued behind the full socket");
+            sent += 1;
+        }
+
+        let mut writer = Writer::default();
+        let reading = tokio::spawn(async move {
+            let mut bytes = Vec::new();
+            let mut chunk = vec![0u8; 1 << 16];
+            // "first" (7 bytes), then `sent` frames of a 4-byte header and 60,008 bytes of payload.
+            let expected = 7 + sent * (4 + 60_008);
+            while bytes.len() < expected {
+                let n = client.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the server closed");
+                bytes.extend_from_slice(&chunk[..n]);
+            }
+            (bytes, sent)
+        });
+        poll_fn(|cx| writer.poll_flush(cx, &mut ws, &mut rx, &hub, true)).await.unwrap();
+        let (bytes, sent) = reading.await.unwrap();
+        assert_eq!(&bytes[..7], b"\x81\x05first");
+        let mut at = 7;
+        for i in 0..sent {
+            assert_eq!(&bytes[at..at + 2], &[0x81, 126], "frame {i}: a text frame with a 16-bit length");
+            assert_eq!(u16::from_be_bytes(bytes[at + 2..at + 4].try_into().unwrap()), 60_008);
+            assert_eq!(&bytes[at + 4..at + 12], format!("{i:08}").as_bytes(), "frame {i} in its place");
+            at += 4 + 60_008;
+        }
+        assert_eq!(at, bytes.len());
+        assert!(!rx.has_queued());
+        assert_eq!(Arc::strong_count(&outbox), 2, "the test's handle and the receiver's");
+    }
 
     #[test]
     fn waiting_control_frames_stay_one_ping_and_the_latest_pong() {

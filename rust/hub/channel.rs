@@ -1,6 +1,7 @@
 //! One channel: its type (from its name), its local subscribers and, on presence channels, its members.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -49,7 +50,13 @@ pub struct Channel {
     pub confirmed: bool,
     /// Subscribers waiting for the cluster (not delivered to yet); empty on a single node.
     pub held: HashMap<ConnId, Held>,
+    /// When the last publication came ([`Hub`](super::Hub)'s clock, µs): tells sparse publications from bursts.
+    last_publication: AtomicU64,
 }
+
+/// Publications at least this far apart (µs) are "sparse": each subscriber gets each alone, so writing it at once
+/// beats waking the subscriber's task. Closer ones are a burst, which the tasks batch (several frames per write).
+const SPARSE_AFTER_US: u64 = 1_000;
 
 /// A subscriber whose `subscribed` waits for the broker: the channel's confirmation, then on a presence
 /// channel the member list.
@@ -67,7 +74,25 @@ impl Channel {
     pub fn new(name: &str, generation: u64) -> Self {
         let kind = ChannelKind::of(name);
         let presence = (kind == ChannelKind::Presence).then(Presence::default);
-        Channel { kind, subscribers: HashMap::new(), presence, generation, confirmed: false, held: HashMap::new() }
+        Channel {
+            kind,
+            subscribers: HashMap::new(),
+            presence,
+            generation,
+            confirmed: false,
+            held: HashMap::new(),
+            last_publication: AtomicU64::new(0),
+        }
+    }
+
+    /// Note a publication at `now` (µs); returns whether it came at least `SPARSE_AFTER_US` after the last one.
+    pub fn publication_is_sparse(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_publication.swap(now, Ordering::Relaxed)) >= SPARSE_AFTER_US
+    }
+
+    /// Every subscriber but `exclude`, into `outboxes`.
+    pub fn collect(&self, exclude: Option<ConnId>, outboxes: &mut Vec<Arc<Outbox>>) {
+        outboxes.extend(self.subscribers.iter().filter(|&(id, _)| Some(*id) != exclude).map(|(_, o)| Arc::clone(o)));
     }
 
     /// Queue `frame` for every subscriber but `exclude`; returns how many it was queued for.

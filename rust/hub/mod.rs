@@ -27,6 +27,11 @@ use tokio::sync::oneshot;
 use tungstenite::Utf8Bytes;
 
 pub use channel::ChannelKind;
+
+thread_local! {
+    /// The subscribers of a sparse publication, between the channel lookup and the writes (reused per thread).
+    static SPARSE: std::cell::RefCell<Vec<Arc<Outbox>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 use channel::{Channel, Held};
 
 use crate::broker::memory::MemoryBroker;
@@ -359,45 +364,75 @@ impl Hub {
     }
 
     /// Queue `frame` for every local subscriber of `name` except `exclude`. Returns how many it was queued for.
-    pub fn publish(&self, name: &str, frame: &Utf8Bytes, exclude: Option<ConnId>) -> usize {
+    pub fn publish(&self, name: &str, frame: &Utf8Bytes, exclude: Option<ConnId>, more_coming: bool) -> usize {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-        let queued = channels.get(name).map_or(0, |channel| {
-            let timer = self.stats.publish_timer();
-            let queued = channel.deliver(frame, exclude, timer.as_ref());
-            if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
-                self.stats.observe_publish_latency(latency);
+        let Some(channel) = channels.get(name) else {
+            return 0;
+        };
+        let timer = self.stats.publish_timer();
+        let queued = match !more_coming && self.sparse_audience(channel, exclude) {
+            false => channel.deliver(frame, exclude, timer.as_ref()),
+            true => {
+                drop(channels);
+                SPARSE.with_borrow_mut(|outboxes| {
+                    outboxes.drain(..).filter(|outbox| outbox.write_or_push(frame.clone(), timer.as_ref())).count()
+                })
             }
-            queued
-        });
-        drop(channels);
+        };
+        if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
+            self.stats.observe_publish_latency(latency);
+        }
         self.stats.published(queued, frame.len());
         queued
     }
 
     /// Queue several publications to `name` for every local subscriber except `exclude`, one push per subscriber
     /// for the lot. Returns how many subscribers they were queued for.
-    pub fn publish_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<ConnId>) -> usize {
+    pub fn publish_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<ConnId>, more_coming: bool) -> usize {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-        let queued = channels.get(name).map_or(0, |channel| {
-            let timed: Vec<_> = frames.iter().map(|frame| (frame.clone(), self.stats.publish_timer())).collect();
-            let queued = channel.deliver_many(&timed, exclude);
-            for (_, timer) in timed {
-                if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
-                    self.stats.observe_publish_latency(latency);
-                }
+        let Some(channel) = channels.get(name) else {
+            return 0;
+        };
+        let timed: Vec<_> = frames.iter().map(|frame| (frame.clone(), self.stats.publish_timer())).collect();
+        let queued = match !more_coming && self.sparse_audience(channel, exclude) {
+            false => channel.deliver_many(&timed, exclude),
+            true => {
+                drop(channels);
+                SPARSE.with_borrow_mut(|outboxes| {
+                    outboxes.drain(..).filter(|outbox| outbox.write_or_push_many(&timed)).count()
+                })
             }
-            queued
-        });
-        drop(channels);
+        };
+        for (_, timer) in timed {
+            if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
+                self.stats.observe_publish_latency(latency);
+            }
+        }
         for frame in frames {
             self.stats.published(queued, frame.len());
         }
         queued
     }
 
+    /// Whether this publication to `channel` is sparse (see [`Channel::publication_is_sparse`]), to be written to
+    /// each subscriber at once (`Outbox::write_or_push`) rather than by the subscriber's task. Not when the caller
+    /// has `more_coming` (a backlog of pushes): queued, the connection tasks write them together, up to 64
+    /// frames a write, where direct writes would write each run alone. If it is sparse, its subscribers but
+    /// `exclude` are copied into [`SPARSE`], so that the frames can be written to them after the channels' lock
+    /// is released (a direct write takes microseconds; a subscribe elsewhere must not wait for a whole sweep).
+    fn sparse_audience(&self, channel: &Channel, exclude: Option<ConnId>) -> bool {
+        let now = u64::try_from(self.stats.uptime().as_micros()).unwrap_or(u64::MAX);
+        let sparse = channel.publication_is_sparse(now);
+        if sparse {
+            SPARSE.with_borrow_mut(|outboxes| channel.collect(exclude, outboxes));
+        }
+        sparse
+    }
+
     /// Several publications to one channel: [`Hub::broadcast`] for each, with one push per local subscriber.
-    pub fn broadcast_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<&str>) -> usize {
-        let queued = self.publish_many(name, frames, exclude.and_then(|socket_id| self.conn_id_of(socket_id)));
+    pub fn broadcast_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<&str>, more_coming: bool) -> usize {
+        let exclude_id = exclude.and_then(|socket_id| self.conn_id_of(socket_id));
+        let queued = self.publish_many(name, frames, exclude_id, more_coming);
         for frame in frames {
             self.broker.publish(name, frame, exclude);
         }
@@ -421,9 +456,10 @@ impl Hub {
     }
 
     /// Deliver to this node's subscribers, then hand the publication to the broker for the other nodes.
-    /// `exclude` is a socket id (of any node). Returns how many local subscribers it was queued for.
-    pub fn broadcast(&self, name: &str, frame: &Utf8Bytes, exclude: Option<&str>) -> usize {
-        let queued = self.publish(name, frame, exclude.and_then(|socket_id| self.conn_id_of(socket_id)));
+    /// `exclude` is a socket id (of any node). Returns how many local subscribers it was queued for. `more_coming`:
+    /// the caller has more publications to deliver right after this one (see [`Hub::publish`]).
+    pub fn broadcast(&self, name: &str, frame: &Utf8Bytes, exclude: Option<&str>, more_coming: bool) -> usize {
+        let queued = self.publish(name, frame, exclude.and_then(|socket_id| self.conn_id_of(socket_id)), more_coming);
         self.broker.publish(name, frame, exclude);
         queued
     }
@@ -530,10 +566,10 @@ mod tests {
             assert!(rx_a.recv().await.unwrap().frame.as_str().contains("subscribed"));
         }
         assert!(rx_b.recv().await.unwrap().frame.as_str().contains("subscribed"));
-        assert_eq!(hub.publish("one", &Utf8Bytes::from_static("x"), None), 1);
+        assert_eq!(hub.publish("one", &Utf8Bytes::from_static("x"), None, false), 1);
         assert_eq!(rx_a.recv().await.unwrap().frame.as_str(), "x");
         assert!(rx_b.try_recv().is_none());
-        assert_eq!(hub.publish("nobody", &Utf8Bytes::from_static("x"), None), 0);
+        assert_eq!(hub.publish("nobody", &Utf8Bytes::from_static("x"), None, false), 0);
     }
 
     #[tokio::test]
@@ -545,7 +581,7 @@ mod tests {
         hub.subscribe("c", &b, None);
         rx_a.recv().await.unwrap();
         rx_b.recv().await.unwrap();
-        assert_eq!(hub.publish("c", &Utf8Bytes::from_static("x"), Some(a.id)), 1);
+        assert_eq!(hub.publish("c", &Utf8Bytes::from_static("x"), Some(a.id), false), 1);
         assert!(rx_a.try_recv().is_none());
         assert_eq!(rx_b.recv().await.unwrap().frame.as_str(), "x");
     }
@@ -709,7 +745,7 @@ mod tests {
         let mut released = waiting(hub.join("news", &a, None));
         assert_eq!(broker.take(), ["added news 1"]);
         assert!(rx_a.try_recv().is_none(), "no reply before the confirmation");
-        assert_eq!(hub.publish("news", &Utf8Bytes::from_static("early"), None), 0, "held: not delivered to");
+        assert_eq!(hub.publish("news", &Utf8Bytes::from_static("early"), None, false), 0, "held: not delivered to");
         let mut released_b = waiting(hub.join("news", &b, None));
         hub.channel_confirmed("news", 99); // another life of the channel: ignored
         assert!(released.try_recv().is_err());
@@ -717,13 +753,13 @@ mod tests {
         assert!(released.try_recv().is_ok() && released_b.try_recv().is_ok());
         assert_eq!(frame(&mut rx_a), serde_json::json!({"event":"subscribed","channel":"news"}));
         frame(&mut rx_b);
-        assert_eq!(hub.publish("news", &Utf8Bytes::from_static("x"), None), 2);
+        assert_eq!(hub.publish("news", &Utf8Bytes::from_static("x"), None, false), 2);
         // Once confirmed, a new subscriber is answered at once.
         let (c, mut rx_c) = conn(&hub);
         assert!(matches!(hub.join("news", &c, None), Joining::Done));
         assert_eq!(frame(&mut rx_c)["event"], "subscribed");
         // broadcast delivers locally and forwards, with the socket id to exclude.
-        assert_eq!(hub.broadcast("news", &Utf8Bytes::from_static("y"), Some(&hub.socket_id(a.id))), 2);
+        assert_eq!(hub.broadcast("news", &Utf8Bytes::from_static("y"), Some(&hub.socket_id(a.id)), false), 2);
         assert_eq!(broker.take(), [format!("publish news Some(\"7.{}\")", a.id)]);
         for id in [a.id, b.id, c.id] {
             hub.unsubscribe("news", id);
