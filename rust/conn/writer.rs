@@ -91,7 +91,7 @@ impl Writer {
     {
         loop {
             if self.unsent.is_none() {
-                // A direct write the socket took only part of (Outbox::push_timed): complete it first.
+                // A direct write the socket took only part of (Outbox::write_or_push): complete it first.
                 if let Some((frames, written)) = rx.take_torn() {
                     let total = frames.iter().map(|outgoing| wire::text_frame_len(outgoing.frame.len())).sum();
                     self.unsent = Some(Box::new(Unsent { controls: ThinVec::new(), frames, total, written }));

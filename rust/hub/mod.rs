@@ -27,11 +27,6 @@ use tokio::sync::oneshot;
 use tungstenite::Utf8Bytes;
 
 pub use channel::ChannelKind;
-
-thread_local! {
-    /// The subscribers of a sparse publication, between the channel lookup and the writes (reused per thread).
-    static SPARSE: std::cell::RefCell<Vec<Arc<Outbox>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 use channel::{Channel, Held};
 
 use crate::broker::memory::MemoryBroker;
@@ -41,6 +36,11 @@ use crate::conn::sweep::Connections;
 use crate::presence::Member;
 use crate::protocol::Reply;
 use crate::stats::Stats;
+
+thread_local! {
+    /// The subscribers of a sparse publication, between the channel lookup and the writes (reused per thread).
+    static SPARSE: std::cell::RefCell<Vec<Arc<Outbox>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A snapshot of one channel for stats and the Python API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -363,21 +363,22 @@ impl Hub {
         snapshot
     }
 
-    /// Queue `frame` for every local subscriber of `name` except `exclude`. Returns how many it was queued for.
+    /// Deliver `frame` to every local subscriber of `name` except `exclude`: written at once to the idle sockets
+    /// when the publication is sparse (see `Hub::sparse_audience`), queued otherwise. `more_coming`: the caller
+    /// has more publications right behind this one. Returns how many subscribers took it.
     pub fn publish(&self, name: &str, frame: &Utf8Bytes, exclude: Option<ConnId>, more_coming: bool) -> usize {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         let Some(channel) = channels.get(name) else {
             return 0;
         };
         let timer = self.stats.publish_timer();
-        let queued = match !more_coming && self.sparse_audience(channel, exclude) {
-            false => channel.deliver(frame, exclude, timer.as_ref()),
-            true => {
-                drop(channels);
-                SPARSE.with_borrow_mut(|outboxes| {
-                    outboxes.drain(..).filter(|outbox| outbox.write_or_push(frame.clone(), timer.as_ref())).count()
-                })
-            }
+        let queued = if !more_coming && self.sparse_audience(channel, exclude) {
+            drop(channels);
+            SPARSE.with_borrow_mut(|outboxes| {
+                outboxes.drain(..).filter(|outbox| outbox.write_or_push(frame.clone(), timer.as_ref())).count()
+            })
+        } else {
+            channel.deliver(frame, exclude, timer.as_ref())
         };
         if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
             self.stats.observe_publish_latency(latency);
@@ -386,22 +387,20 @@ impl Hub {
         queued
     }
 
-    /// Queue several publications to `name` for every local subscriber except `exclude`, one push per subscriber
-    /// for the lot. Returns how many subscribers they were queued for.
+    /// [`Hub::publish`] for several publications to `name`, one write or push per subscriber for the lot.
     pub fn publish_many(&self, name: &str, frames: &[Utf8Bytes], exclude: Option<ConnId>, more_coming: bool) -> usize {
         let channels = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         let Some(channel) = channels.get(name) else {
             return 0;
         };
         let timed: Vec<_> = frames.iter().map(|frame| (frame.clone(), self.stats.publish_timer())).collect();
-        let queued = match !more_coming && self.sparse_audience(channel, exclude) {
-            false => channel.deliver_many(&timed, exclude),
-            true => {
-                drop(channels);
-                SPARSE.with_borrow_mut(|outboxes| {
-                    outboxes.drain(..).filter(|outbox| outbox.write_or_push_many(&timed)).count()
-                })
-            }
+        let queued = if !more_coming && self.sparse_audience(channel, exclude) {
+            drop(channels);
+            SPARSE.with_borrow_mut(|outboxes| {
+                outboxes.drain(..).filter(|outbox| outbox.write_or_push_many(&timed)).count()
+            })
+        } else {
+            channel.deliver_many(&timed, exclude)
         };
         for (_, timer) in timed {
             if let Some(latency) = timer.and_then(|timer| timer.arm(queued)) {
