@@ -2,12 +2,12 @@
 //! and writes the connection's [`Outbox`] to the socket.
 //!
 //! Everything the client is sent (replies and publications) goes through the outbox, in order; a sparse
-//! publication may be written by the publisher's thread when the outbox is idle (outbox.rs, "Direct writes"). The task is a
-//! plain `poll` loop over one [`Connection`] struct rather than a `select!` of futures: between wake-ups an idle
-//! connection holds only its socket, its session and a few words of writer state (no timer, no shutdown future,
-//! no per-branch futures), and a wake-up for a burst of publications does no allocation. Heartbeats, the idle
-//! timeout and the stop come from the sweeper (sweep.rs) as outbox signals, which wake the task like frames do;
-//! so does a queue overflow, even while a write is waiting for room in the socket.
+//! publication may be written by the publisher's thread when the outbox is idle (outbox.rs, "Direct writes").
+//! The task is a plain `poll` loop over one [`Connection`] struct rather than a `select!` of futures: between
+//! wake-ups an idle connection holds only its socket, its session and a few words of writer state (no timer, no
+//! shutdown future, no per-branch futures), and a wake-up for a burst of publications does no allocation.
+//! Heartbeats, the idle timeout and the stop come from the sweeper (sweep.rs) as outbox signals, which wake the
+//! task like frames do; so does a queue overflow, even while a write is waiting for room in the socket.
 
 pub mod outbox;
 pub mod rate;

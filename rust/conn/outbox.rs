@@ -450,31 +450,28 @@ pub mod direct {
 
         /// One non-blocking `writev` of a text frame: (bytes written, bytes of the frame).
         pub fn write_frame(&self, payload: &[u8]) -> (usize, usize) {
-            let mut header = [0u8; 10];
-            let len = wire::encode_text_header(&mut header, payload.len());
-            (self.writev(&[IoSlice::new(&header[..len]), IoSlice::new(payload)]), len + payload.len())
+            let mut headers = [[0u8; 10]; 1];
+            let mut slices = [IoSlice::new(&[]); 2];
+            wire::text_frame_slices(&[payload], &mut headers, &mut slices);
+            (self.writev(&slices), wire::text_frame_len(payload.len()))
         }
 
-        /// One non-blocking `writev` of a text frame per payload. Returns (bytes written, bytes of the frames);
-        /// a full socket (or any error: the connection task meets it at its next write) writes 0.
+        /// One non-blocking `writev` of a text frame per payload (at most [`MAX_DIRECT_FRAMES`]). Returns (bytes
+        /// written, bytes of the frames); a full socket (or any error: the connection task meets it at its next
+        /// write) writes 0.
         pub fn write_frames<'a>(&self, payloads: impl Iterator<Item = &'a [u8]>) -> (usize, usize) {
-            let mut headers = [[0u8; 10]; MAX_DIRECT_FRAMES];
-            let mut lens = [0usize; MAX_DIRECT_FRAMES];
             let mut bodies: [&[u8]; MAX_DIRECT_FRAMES] = [&[]; MAX_DIRECT_FRAMES];
             let mut count = 0;
-            let mut total = 0;
-            for (i, payload) in payloads.take(MAX_DIRECT_FRAMES).enumerate() {
-                lens[i] = wire::encode_text_header(&mut headers[i], payload.len());
-                bodies[i] = payload;
-                total += lens[i] + payload.len();
-                count = i + 1;
+            for (body, payload) in bodies.iter_mut().zip(payloads) {
+                *body = payload;
+                count += 1;
             }
+            let bodies = &bodies[..count];
+            let mut headers = [[0u8; 10]; MAX_DIRECT_FRAMES];
             let mut slices = [IoSlice::new(&[]); 2 * MAX_DIRECT_FRAMES];
-            for i in 0..count {
-                slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
-                slices[2 * i + 1] = IoSlice::new(bodies[i]);
-            }
-            (self.writev(&slices[..2 * count]), total)
+            let used = wire::text_frame_slices(bodies, &mut headers, &mut slices);
+            let total = bodies.iter().map(|body| wire::text_frame_len(body.len())).sum();
+            (self.writev(&slices[..used]), total)
         }
 
         #[cfg(unix)]

@@ -212,21 +212,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     ) -> Poll<io::Result<usize>> {
         assert!(payloads.len() <= MAX_FRAMES_PER_WRITE, "at most {MAX_FRAMES_PER_WRITE} frames per write");
         let mut headers = [[0u8; 10]; MAX_FRAMES_PER_WRITE];
-        let mut header_lens = [0usize; MAX_FRAMES_PER_WRITE];
-        for (i, payload) in payloads.iter().enumerate() {
-            header_lens[i] = encode_header(&mut headers[i], opcode::TEXT, payload.len());
-        }
         let mut slices = [IoSlice::new(&[]); 1 + 2 * MAX_FRAMES_PER_WRITE];
         let mut count = 0;
         if !controls.is_empty() {
             slices[0] = IoSlice::new(controls);
             count = 1;
         }
-        for (i, payload) in payloads.iter().enumerate() {
-            slices[count] = IoSlice::new(&headers[i][..header_lens[i]]);
-            slices[count + 1] = IoSlice::new(payload);
-            count += 2;
-        }
+        count += text_frame_slices(payloads, &mut headers, &mut slices[count..]);
         let mut slices = &mut slices[..count];
         IoSlice::advance_slices(&mut slices, skip);
         let written = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, slices))?;
@@ -367,13 +359,20 @@ fn encode_header(out: &mut [u8; 10], opcode: u8, len: usize) -> usize {
 }
 
 /// The bytes a text frame with a payload of `len` bytes takes on the wire.
-/// The header of a text frame of `len` bytes; returns its length (2–10 bytes).
-pub fn encode_text_header(out: &mut [u8; 10], len: usize) -> usize {
-    encode_header(out, opcode::TEXT, len)
-}
-
 pub fn text_frame_len(len: usize) -> usize {
     encode_header(&mut [0; 10], opcode::TEXT, len) + len
+}
+
+/// A text frame per payload, as `writev` slices: each header (built into `headers`, one per payload) followed by
+/// its payload, shared, without a copy. Fills the first 2 × `payloads.len()` of `slices` and returns that count.
+pub fn text_frame_slices<'a>(payloads: &[&'a [u8]], headers: &'a mut [[u8; 10]], slices: &mut [IoSlice<'a>]) -> usize {
+    for ((payload, header), pair) in payloads.iter().zip(headers).zip(slices.chunks_exact_mut(2)) {
+        let len = encode_header(header, opcode::TEXT, payload.len());
+        let header: &'a [u8; 10] = header;
+        pair[0] = IoSlice::new(&header[..len]);
+        pair[1] = IoSlice::new(payload);
+    }
+    2 * payloads.len()
 }
 
 /// Append a control frame (at most 125 bytes of payload, as RFC 6455 requires of control frames).
