@@ -13,7 +13,7 @@
 //! Direct writes: a publication that comes far from the previous one on its channel (the hub decides) is written
 //! to the socket by the publishing thread itself ([`Outbox::write_or_push`]) when the connection has nothing
 //! queued and nothing being written, instead of waking the connection task to write it. The outbox's lock
-//! orders the two writers: the publisher holds it across its one `writev`; the task marks a write in progress
+//! orders the two writers: the publisher holds it across its one `write`; the task marks a write in progress
 //! under it before taking frames, and clears the mark once they are all on the wire. A direct write the socket
 //! takes only part of is left to the task to complete ([`OutboxReceiver::take_torn`]), before anything else.
 
@@ -27,6 +27,7 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 use tungstenite::Utf8Bytes;
 
+use crate::conn::wire;
 use crate::stats::PublishTimer;
 
 /// One queued frame; a sampled publication also carries its latency timer.
@@ -155,9 +156,11 @@ impl Outbox {
     /// or being written (and the socket takes it), instead of waking the connection task to write it; queued
     /// otherwise. For publications that come far apart (the hub decides, [`crate::hub`]): there each frame is
     /// written alone either way, and the task's wake-up and poll cost about a sixth of the delivery's CPU.
-    pub fn write_or_push(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>) -> bool {
+    /// `wire` is the frame as it goes on the wire ([`wire::push_text_frames`]), encoded once for every subscriber.
+    pub fn write_or_push(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>, wire: &[u8]) -> bool {
+        debug_assert_eq!(wire.len(), wire::text_frame_len(frame.len()));
         let len = frame.len();
-        match self.deliver(len, Some(Direct::One(frame.as_bytes(), timer))) {
+        match self.deliver(len, Some(Direct::One(wire, timer))) {
             Delivery::Refused => false,
             Delivery::Written => true,
             Delivery::Queue(mut queue, was_empty) => {
@@ -169,10 +172,10 @@ impl Outbox {
         }
     }
 
-    /// [`Self::write_or_push`] for several frames, all in one write or all queued.
-    pub fn write_or_push_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)]) -> bool {
+    /// [`Self::write_or_push`] for several frames, all in one write or all queued; `wire` holds them all.
+    pub fn write_or_push_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)], wire: &[u8]) -> bool {
         let len = frames.iter().map(|(frame, _)| frame.len()).sum();
-        let direct = (frames.len() <= MAX_DIRECT_FRAMES).then_some(Direct::Many(frames));
+        let direct = (frames.len() <= MAX_DIRECT_FRAMES).then_some(Direct::Many(frames, wire));
         self.enqueue(len, direct, |queue| queue.extend(frames.iter().map(Outgoing::from)))
     }
 
@@ -207,11 +210,11 @@ impl Outbox {
         if let (Some(direct), true, false) = (direct, was_empty, queue.writing) {
             if let Some(socket) = direct::Socket::from_fd(self.direct_fd.load(Ordering::Relaxed)) {
                 // Under the lock: the task cannot start a write meanwhile, nor turn direct writes off.
-                let (written, total) = match direct {
-                    Direct::One(payload, _) => socket.write_frame(payload),
-                    Direct::Many(frames) => socket.write_frames(frames.iter().map(|(frame, _)| frame.as_bytes())),
+                let wire = match direct {
+                    Direct::One(wire, _) | Direct::Many(_, wire) => wire,
                 };
-                if written == total {
+                let written = socket.write(wire);
+                if written == wire.len() {
                     drop(queue);
                     self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                     // Never the last count of a timer: the publish's placeholder is still in (PublishTimer::arm).
@@ -220,7 +223,9 @@ impl Outbox {
                     };
                     match direct {
                         Direct::One(_, timer) => timer.into_iter().for_each(count),
-                        Direct::Many(frames) => frames.iter().filter_map(|(_, timer)| timer.as_ref()).for_each(count),
+                        Direct::Many(frames, _) => {
+                            frames.iter().filter_map(|(_, timer)| timer.as_ref()).for_each(count)
+                        }
                     }
                     return Delivery::Written;
                 }
@@ -229,7 +234,7 @@ impl Outbox {
                     queue.writing = true;
                     queue.torn_frames = match direct {
                         Direct::One(..) => 1,
-                        Direct::Many(frames) => frames.len() as u8,
+                        Direct::Many(frames, _) => frames.len() as u8,
                     };
                     queue.torn_skip = written as u32;
                 }
@@ -399,11 +404,11 @@ impl Drop for OutboxReceiver {
     }
 }
 
-/// Frames offered for a direct write, with their latency timers.
+/// Frames offered for a direct write, with their latency timers, and their bytes on the wire.
 #[derive(Clone, Copy)]
 enum Direct<'a> {
     One(&'a [u8], Option<&'a Arc<PublishTimer>>),
-    Many(&'a [(Utf8Bytes, Option<Arc<PublishTimer>>)]),
+    Many(&'a [(Utf8Bytes, Option<Arc<PublishTimer>>)], &'a [u8]),
 }
 
 /// What [`Outbox::deliver`] did.
@@ -419,11 +424,8 @@ const MAX_DIRECT_FRAMES: usize = 64;
 
 /// Writing frames to a socket from outside its connection task.
 pub mod direct {
-    use std::io::{IoSlice, Write};
+    use std::io::Write;
     use std::mem::ManuallyDrop;
-
-    use super::MAX_DIRECT_FRAMES;
-    use crate::conn::wire;
 
     /// A connection's socket, borrowed by descriptor. Only used under the outbox's lock, and removed from the
     /// outbox (under that lock) before the socket closes, so a write never reaches a descriptor reused since.
@@ -448,44 +450,20 @@ pub mod direct {
             (fd >= 0).then_some(Socket { fd })
         }
 
-        /// One non-blocking `writev` of a text frame: (bytes written, bytes of the frame).
-        pub fn write_frame(&self, payload: &[u8]) -> (usize, usize) {
-            let mut headers = [[0u8; 10]; 1];
-            let mut slices = [IoSlice::new(&[]); 2];
-            wire::text_frame_slices(&[payload], &mut headers, &mut slices);
-            (self.writev(&slices), wire::text_frame_len(payload.len()))
-        }
-
-        /// One non-blocking `writev` of a text frame per payload (at most [`MAX_DIRECT_FRAMES`]). Returns (bytes
-        /// written, bytes of the frames); a full socket (or any error: the connection task meets it at its next
-        /// write) writes 0.
-        pub fn write_frames<'a>(&self, payloads: impl Iterator<Item = &'a [u8]>) -> (usize, usize) {
-            let mut bodies: [&[u8]; MAX_DIRECT_FRAMES] = [&[]; MAX_DIRECT_FRAMES];
-            let mut count = 0;
-            for (body, payload) in bodies.iter_mut().zip(payloads) {
-                *body = payload;
-                count += 1;
-            }
-            let bodies = &bodies[..count];
-            let mut headers = [[0u8; 10]; MAX_DIRECT_FRAMES];
-            let mut slices = [IoSlice::new(&[]); 2 * MAX_DIRECT_FRAMES];
-            let used = wire::text_frame_slices(bodies, &mut headers, &mut slices);
-            let total = bodies.iter().map(|body| wire::text_frame_len(body.len())).sum();
-            (self.writev(&slices[..used]), total)
-        }
-
+        /// One non-blocking write of encoded frames: the bytes written. A full socket (or any error: the
+        /// connection task meets it at its next write) writes 0.
         #[cfg(unix)]
         #[allow(unsafe_code)]
-        fn writev(&self, slices: &[IoSlice<'_>]) -> usize {
+        pub fn write(&self, wire: &[u8]) -> usize {
             use std::os::fd::FromRawFd;
             // SAFETY: the descriptor is the connection's open socket (see the type's comment); ManuallyDrop keeps
             // this borrowed std handle from closing it. tokio made it non-blocking, so the write cannot block.
             let mut stream = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(self.fd) });
-            stream.write_vectored(slices).unwrap_or(0)
+            stream.write(wire).unwrap_or(0)
         }
 
         #[cfg(not(unix))]
-        fn writev(&self, _slices: &[IoSlice<'_>]) -> usize {
+        pub fn write(&self, _wire: &[u8]) -> usize {
             0
         }
     }

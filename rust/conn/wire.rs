@@ -5,7 +5,8 @@
 //! keeps no buffer while idle: reads go into one scratch buffer per worker thread, and only the bytes of a frame
 //! still in flight (or of a fragmented message) are copied into the connection's own `pending` buffer, which is
 //! released again once it is parsed. Writes take the outbox's shared payloads as they are: each frame's 2–10
-//! header bytes are built at write time and the whole batch goes out in one `writev`, with no copy into a
+//! header bytes are built at write time and the whole batch goes out in one write, gathered into a buffer of the
+//! worker thread's when it is small (one `writev` of shared payloads when it is large), never into a
 //! per-connection buffer. tungstenite still does the handshake's accept key and provides `Utf8Bytes`.
 //!
 //! What is checked, as tungstenite did (and tests/test_robustness.py checks each one over a real socket):
@@ -26,10 +27,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 const SCRATCH_SIZE: usize = 16 * 1024;
 /// The longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
 const MAX_HEADER: usize = 14;
-/// The most text frames one [`WsConn::poll_write_frames`] takes (one `writev`; Linux allows 1,024 slices).
+/// The most text frames one [`WsConn::poll_write_frames`] takes (one write; as `writev` slices, Linux allows 1,024).
 pub const MAX_FRAMES_PER_WRITE: usize = 64;
+/// Writes up to this size are gathered into one buffer first (see [`WsConn::poll_write_frames`]).
+const GATHER_BYTES: usize = 32 * 1024;
 
 thread_local! {
+    /// The gather buffer of [`WsConn::poll_write_frames`]: one per runtime thread, not per connection.
+    static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
@@ -199,10 +204,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         self.start = 0;
     }
 
-    /// One `writev` of `controls` (whole control frames, already encoded) followed by a text frame per payload,
+    /// One write of `controls` (whole control frames, already encoded) followed by a text frame per payload,
     /// less the first `skip` bytes of that sequence (written by earlier calls). Returns the bytes this call wrote;
-    /// the caller calls again with a larger `skip` until all are written. The headers (2–10 bytes each) are built
-    /// here on the stack, so the payloads go out as they are, shared, without a copy.
+    /// the caller calls again with a larger `skip` until all are written.
+    ///
+    /// Up to [`GATHER_BYTES`] in all, the frames are copied into one buffer (per thread) and written with one
+    /// `write`: the kernel copies a `writev` slice by slice, and for ~16 frames of ~200 bytes (32 slices with the
+    /// headers) that cost more than the copy here (measured: ~40 ns less CPU per delivered frame at a window of
+    /// 16). Larger writes go as `writev` slices, the payloads shared, without a copy.
     pub fn poll_write_frames(
         &mut self,
         cx: &mut Context<'_>,
@@ -211,6 +220,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         skip: usize,
     ) -> Poll<io::Result<usize>> {
         assert!(payloads.len() <= MAX_FRAMES_PER_WRITE, "at most {MAX_FRAMES_PER_WRITE} frames per write");
+        let total = controls.len() + payloads.iter().map(|payload| text_frame_len(payload.len())).sum::<usize>();
+        if total <= GATHER_BYTES {
+            return GATHER.with_borrow_mut(|buffer| {
+                buffer.clear();
+                buffer.extend_from_slice(controls);
+                push_text_frames(buffer, payloads.iter().copied());
+                let rest = &buffer[skip.min(total)..];
+                let written = ready!(Pin::new(&mut self.stream).poll_write(cx, rest))?;
+                if written == 0 && !rest.is_empty() {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(written))
+            });
+        }
         let mut headers = [[0u8; 10]; MAX_FRAMES_PER_WRITE];
         let mut slices = [IoSlice::new(&[]); 1 + 2 * MAX_FRAMES_PER_WRITE];
         let mut count = 0;
@@ -361,6 +384,17 @@ fn encode_header(out: &mut [u8; 10], opcode: u8, len: usize) -> usize {
 /// The bytes a text frame with a payload of `len` bytes takes on the wire.
 pub fn text_frame_len(len: usize) -> usize {
     encode_header(&mut [0; 10], opcode::TEXT, len) + len
+}
+
+/// Append a text frame per payload (its header, then the payload) to `out`: publications encoded once, for
+/// writes that take one contiguous buffer.
+pub fn push_text_frames<'a>(out: &mut Vec<u8>, payloads: impl IntoIterator<Item = &'a [u8]>) {
+    for payload in payloads {
+        let mut header = [0; 10];
+        let len = encode_header(&mut header, opcode::TEXT, payload.len());
+        out.extend_from_slice(&header[..len]);
+        out.extend_from_slice(payload);
+    }
 }
 
 /// A text frame per payload, as `writev` slices: each header (built into `headers`, one per payload) followed by
@@ -555,6 +589,34 @@ mod tests {
         assert_eq!(&read[210..220], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert!(read[220..].iter().all(|&b| b == b'y'));
         assert_eq!(text_frame_len(70_000), 70_010);
+    }
+
+    #[tokio::test]
+    async fn small_frames_gathered_into_one_write_resume_where_the_pipe_stopped() {
+        // 30 frames of 200 bytes and a ping: ~6 KiB, under GATHER_BYTES, so they go through the gather buffer; the
+        // 4 KiB pipe takes part of them, and each later call must resume exactly where the last one stopped.
+        let (mut client, server) = tokio::io::duplex(1 << 12);
+        let mut conn = WsConn::new(server, Vec::new(), 1000);
+        let bodies: Vec<Vec<u8>> = (0..30u8).map(|i| vec![b'a' + i % 26; 200]).collect();
+        let payloads: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        let expected_len = 2 + 30 * (4 + 200);
+        assert!(expected_len <= GATHER_BYTES);
+        let reader = tokio::spawn(async move {
+            let mut read = vec![0; expected_len];
+            client.read_exact(&mut read).await.unwrap();
+            read
+        });
+        let mut written = poll_fn(|cx| conn.poll_write_frames(cx, &PING_FRAME, &payloads, 0)).await.unwrap();
+        assert!(written < expected_len, "the pipe cannot take it all at once");
+        while written < expected_len {
+            written += poll_fn(|cx| conn.poll_write_frames(cx, &PING_FRAME, &payloads, written)).await.unwrap();
+        }
+        let read = reader.await.unwrap();
+        assert_eq!(&read[..2], &PING_FRAME);
+        for (i, frame) in read[2..].chunks(204).enumerate() {
+            assert_eq!(&frame[..4], &[0x81, 126, 0, 200], "frame {i}'s header");
+            assert!(frame[4..].iter().all(|&b| b == b'a' + i as u8 % 26), "frame {i}'s payload in its place");
+        }
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! Stage: fan-out writer, socket side. Moves a connection's queued frames from its [`Outbox`] to the socket: up to
-//! [`MAX_FRAMES_PER_WRITE`] frames per `writev`, as many batches as the socket takes, all in one poll of the
+//! [`MAX_FRAMES_PER_WRITE`] frames per write, as many batches as the socket takes, all in one poll of the
 //! connection task, so a burst of publications costs one wake-up and a few syscalls per connection.
 //!
 //! Written from `poll` rather than as an `async fn`: the batch is gathered in a buffer per worker thread and the
@@ -146,7 +146,7 @@ impl Writer {
     }
 }
 
-/// The payloads of up to [`MAX_FRAMES_PER_WRITE`] frames, as slices for `writev`.
+/// The payloads of up to [`MAX_FRAMES_PER_WRITE`] frames, as slices for [`WsConn::poll_write_frames`].
 fn payloads(frames: &[Outgoing]) -> [&[u8]; MAX_FRAMES_PER_WRITE] {
     let mut slices: [&[u8]; MAX_FRAMES_PER_WRITE] = [&[]; MAX_FRAMES_PER_WRITE];
     for (slot, outgoing) in slices.iter_mut().zip(frames) {
@@ -191,16 +191,22 @@ mod tests {
         let hub = Hub::new(1);
 
         let frame = |i: usize| Utf8Bytes::from(format!("{i:08}{}", "x".repeat(60_000)));
-        assert!(outbox.write_or_push(Utf8Bytes::from_static("first"), None));
+        // As the hub does it: the frame encoded once, for the direct write.
+        let write_or_push = |frame: Utf8Bytes| {
+            let mut bytes = Vec::new();
+            wire::push_text_frames(&mut bytes, [frame.as_bytes()]);
+            outbox.write_or_push(frame, None, &bytes)
+        };
+        assert!(write_or_push(Utf8Bytes::from_static("first")));
         assert!(!rx.has_queued(), "an idle socket takes a frame directly");
         let mut sent = 0;
         while !rx.has_queued() {
             assert!(sent < 10_000, "the socket never filled");
-            assert!(outbox.write_or_push(frame(sent), None));
+            assert!(write_or_push(frame(sent)));
             sent += 1;
         }
         for _ in 0..3 {
-            assert!(outbox.write_or_push(frame(sent), None), "queued behind the full socket");
+            assert!(write_or_push(frame(sent)), "queued behind the full socket");
             sent += 1;
         }
 

@@ -33,6 +33,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::Broker;
 use crate::conn::outbox::{ConnId, Outbox};
 use crate::conn::sweep::Connections;
+use crate::conn::wire;
 use crate::presence::Member;
 use crate::protocol::Reply;
 use crate::stats::Stats;
@@ -374,8 +375,9 @@ impl Hub {
         let timer = self.stats.publish_timer();
         let queued = if !more_coming && self.sparse_audience(channel, exclude) {
             drop(channels);
+            let wire = encode_once([frame]);
             SPARSE.with_borrow_mut(|outboxes| {
-                outboxes.drain(..).filter(|outbox| outbox.write_or_push(frame.clone(), timer.as_ref())).count()
+                outboxes.drain(..).filter(|outbox| outbox.write_or_push(frame.clone(), timer.as_ref(), &wire)).count()
             })
         } else {
             channel.deliver(frame, exclude, timer.as_ref())
@@ -396,8 +398,9 @@ impl Hub {
         let timed: Vec<_> = frames.iter().map(|frame| (frame.clone(), self.stats.publish_timer())).collect();
         let queued = if !more_coming && self.sparse_audience(channel, exclude) {
             drop(channels);
+            let wire = encode_once(frames);
             SPARSE.with_borrow_mut(|outboxes| {
-                outboxes.drain(..).filter(|outbox| outbox.write_or_push_many(&timed)).count()
+                outboxes.drain(..).filter(|outbox| outbox.write_or_push_many(&timed, &wire)).count()
             })
         } else {
             channel.deliver_many(&timed, exclude)
@@ -521,6 +524,14 @@ impl Hub {
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
+}
+
+/// A sparse publication's frames as they go on the wire: encoded once here, then written as they are to each
+/// subscriber (one contiguous buffer per write; see `WsConn::poll_write_frames` for why not `writev` slices).
+fn encode_once<'a>(frames: impl IntoIterator<Item = &'a Utf8Bytes>) -> Vec<u8> {
+    let mut wire = Vec::new();
+    wire::push_text_frames(&mut wire, frames.into_iter().map(|frame| frame.as_bytes()));
+    wire
 }
 
 /// Subscribe at once, as a single node does: queue `subscribed` (with the members on a presence channel) and,
