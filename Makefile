@@ -7,7 +7,7 @@ PYTHON ?= python3
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help bench bench-quick bench-docs bench-smoke bench-cluster
+.PHONY: help bench bench-quick bench-docs bench-smoke bench-cluster bench-profile
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,3 +26,6 @@ bench-smoke: ## Build the load generator and run `loadgen smoke` against a fresh
 
 bench-cluster: ## Cross-node fan-out: 10,000 subscribers on 1 node vs 3 nodes + Redis, twice (~8 min); benches/results/<date>-cluster.json
 	BENCH_COMMAND='make bench-cluster' $(PYTHON) benches/cluster.py $(BENCH_ARGS)
+
+bench-profile: ## perf on fastws and socketify during fan-out, per delivery (~1 min; needs linux-perf); benches/results/<date>-profile.json
+	$(PYTHON) benches/profile.py $(BENCH_ARGS)
