@@ -175,6 +175,7 @@ impl Outbox {
     /// [`Self::write_or_push`] for several frames, all in one write or all queued; `wire` holds them all.
     pub fn write_or_push_many(&self, frames: &[(Utf8Bytes, Option<Arc<PublishTimer>>)], wire: &[u8]) -> bool {
         let len = frames.iter().map(|(frame, _)| frame.len()).sum();
+        debug_assert_eq!(wire.len(), frames.iter().map(|(frame, _)| wire::text_frame_len(frame.len())).sum::<usize>());
         let direct = (frames.len() <= MAX_DIRECT_FRAMES).then_some(Direct::Many(frames, wire));
         self.enqueue(len, direct, |queue| queue.extend(frames.iter().map(Outgoing::from)))
     }

@@ -226,7 +226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
                 buffer.clear();
                 buffer.extend_from_slice(controls);
                 push_text_frames(buffer, payloads.iter().copied());
-                let rest = &buffer[skip.min(total)..];
+                let rest = &buffer[skip..];
                 let written = ready!(Pin::new(&mut self.stream).poll_write(cx, rest))?;
                 if written == 0 && !rest.is_empty() {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
