@@ -82,6 +82,7 @@ def profile_one(spec: run.ServerSpec, args: argparse.Namespace, rep: int) -> dic
     record["machine_load"] = run.wait_quiet(args.quiet_wait)
     server = run.RunningServer(spec, None, label)
     data = run.LOGS / f"perf-{spec.name}-r{rep}.data"
+    generator: subprocess.Popen[str] | None = None
     try:
         if not server.wait_ready():
             return {**record, "ok": False, "error": "the server did not start", "server_log": server.log_tail()}
@@ -109,14 +110,23 @@ def profile_one(spec: run.ServerSpec, args: argparse.Namespace, rep: int) -> dic
         _, stat_err = perf_stat.communicate(timeout=args.record + 30)
         perf_record.wait(timeout=args.record + 30)
         out, err = generator.communicate(timeout=args.seconds + 60)
+    except subprocess.TimeoutExpired as timeout:
+        return {**record, "ok": False, "error": f"{timeout.cmd[0]} ran past its time limit and was stopped"}
     finally:
+        if generator is not None and generator.poll() is None:
+            generator.kill()  # our own child, by its handle
+            generator.wait()
         crashed = server.stop()
     lines = run.parse_lines(out)
     if crashed is not None or not lines or generator.returncode != 0:
         return {**record, "ok": False, "error": f"server exit {crashed}, generator: {run.tail(err)}"}
     line = lines[-1]
     deliveries = float(line["delivered_per_s"]) * args.record
-    samples = perf_symbols(data)
+    try:
+        samples = perf_symbols(data)
+    except (OSError, subprocess.CalledProcessError) as error:
+        # perf not permitted to profile another process (kernel.perf_event_paranoid), or no samples written.
+        return {**record, "ok": False, "error": f"perf report failed: {error}"}
     ns = {key: count / FREQUENCY / deliveries * 1e9 for key, count in samples.items()}
     by_kind: collections.Counter[str] = collections.Counter()
     for (dso, _), value in ns.items():
