@@ -160,16 +160,9 @@ impl Outbox {
     pub fn write_or_push(&self, frame: Utf8Bytes, timer: Option<&Arc<PublishTimer>>, wire: &[u8]) -> bool {
         debug_assert_eq!(wire.len(), wire::text_frame_len(frame.len()));
         let len = frame.len();
-        match self.deliver(len, Some(Direct::One(wire, timer))) {
-            Delivery::Refused => false,
-            Delivery::Written => true,
-            Delivery::Queue(mut queue, was_empty) => {
-                queue.frames.push_back(Outgoing { frame, timer: timer.cloned() });
-                drop(queue);
-                self.wake_if(was_empty);
-                true
-            }
-        }
+        self.enqueue(len, Some(Direct::One(wire, timer)), |queue| {
+            queue.push_back(Outgoing { frame, timer: timer.cloned() })
+        })
     }
 
     /// [`Self::write_or_push`] for several frames, all in one write or all queued; `wire` holds them all.
@@ -180,77 +173,70 @@ impl Outbox {
         self.enqueue(len, direct, |queue| queue.extend(frames.iter().map(Outgoing::from)))
     }
 
-    /// Queue frames (`add` them under the lock) unless they were refused or written directly.
+    /// The way frames enter: refuse them (false) when the connection is closed or slow, count `len` bytes against
+    /// the bound (or mark the queue slow), write them to the socket when `direct` is given and the socket is free;
+    /// otherwise `add` them to the queue under its lock.
     fn enqueue(&self, len: usize, direct: Option<Direct<'_>>, add: impl FnOnce(&mut VecDeque<Outgoing>)) -> bool {
-        match self.deliver(len, direct) {
-            Delivery::Refused => false,
-            Delivery::Written => true,
-            Delivery::Queue(mut queue, was_empty) => {
-                add(&mut queue.frames);
-                drop(queue);
-                self.wake_if(was_empty);
-                true
-            }
-        }
-    }
-
-    /// The way frames enter: refuse when closed or slow, count `len` bytes against the bound (or mark the queue
-    /// slow), write them directly when `direct` is given and the socket is free; otherwise hand back the locked
-    /// queue to add them to.
-    fn deliver(&self, len: usize, direct: Option<Direct<'_>>) -> Delivery<'_> {
         if self.is_overflowed() || self.closed.load(Ordering::Relaxed) {
-            return Delivery::Refused;
+            return false;
         }
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.limit {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.raise(Signal::Overflowed);
-            return Delivery::Refused;
+            return false;
         }
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let was_empty = queue.frames.is_empty();
         if let (Some(direct), true, false) = (direct, was_empty, queue.writing) {
-            if let Some(socket) = direct::Socket::from_fd(self.direct_fd.load(Ordering::Relaxed)) {
-                // Under the lock: the task cannot start a write meanwhile, nor turn direct writes off.
-                let wire = match direct {
-                    Direct::One(wire, _) | Direct::Many(_, wire) => wire,
-                };
-                let written = socket.write(wire);
-                if written == wire.len() {
-                    drop(queue);
-                    self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                    // Never the last count of a timer: the publish's placeholder is still in (PublishTimer::arm).
-                    let count = |timer: &Arc<PublishTimer>| {
-                        let _ = timer.written();
-                    };
-                    match direct {
-                        Direct::One(_, timer) => timer.into_iter().for_each(count),
-                        Direct::Many(frames, _) => {
-                            frames.iter().filter_map(|(_, timer)| timer.as_ref()).for_each(count)
-                        }
-                    }
-                    return Delivery::Written;
-                }
-                if written > 0 {
-                    // Part of a frame is on the wire: the task must complete it before writing anything else.
-                    queue.writing = true;
-                    queue.torn_frames = match direct {
-                        Direct::One(..) => 1,
-                        Direct::Many(frames, _) => frames.len() as u8,
-                    };
-                    queue.torn_skip = written as u32;
-                }
+            if self.write_directly(&mut queue, direct) {
+                drop(queue);
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                return true;
             }
         }
-        Delivery::Queue(queue, was_empty)
-    }
-
-    /// Only the push that makes the queue non-empty wakes the task: the task drains the queue until it is empty
-    /// (or the socket is full, and then the socket wakes it), so a later push is seen without a wake. This saves
-    /// the waker's atomics for all but the first frame of a burst.
-    fn wake_if(&self, was_empty: bool) {
+        add(&mut queue.frames);
+        drop(queue);
+        // Only the push that makes the queue non-empty wakes the task: the task drains the queue until it is empty
+        // (or the socket is full, and then the socket wakes it), so a later push is seen without a wake. This saves
+        // the waker's atomics for all but the first frame of a burst.
         if was_empty {
             self.waker.wake();
         }
+        true
+    }
+
+    /// One write of `direct`'s frames to the socket, under the queue's lock: the task cannot start a write
+    /// meanwhile, nor turn direct writes off. True when the socket took them whole; when it took a part, that is
+    /// recorded as torn for the task to complete, and the frames are to be queued as usual.
+    fn write_directly(&self, queue: &mut Queue, direct: Direct<'_>) -> bool {
+        let Some(socket) = direct::Socket::from_fd(self.direct_fd.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        let wire = match direct {
+            Direct::One(wire, _) | Direct::Many(_, wire) => wire,
+        };
+        let written = socket.write(wire);
+        if written == wire.len() {
+            // Never the last count of a timer: the publish's placeholder is still in (PublishTimer::arm).
+            let count = |timer: &Arc<PublishTimer>| {
+                let _ = timer.written();
+            };
+            match direct {
+                Direct::One(_, timer) => timer.into_iter().for_each(count),
+                Direct::Many(frames, _) => frames.iter().filter_map(|(_, timer)| timer.as_ref()).for_each(count),
+            }
+            return true;
+        }
+        if written > 0 {
+            // Part of a frame is on the wire: the task must complete it before writing anything else.
+            queue.writing = true;
+            queue.torn_frames = match direct {
+                Direct::One(..) => 1,
+                Direct::Many(frames, _) => frames.len() as u8,
+            };
+            queue.torn_skip = written as u32;
+        }
+        false
     }
 
     pub fn is_overflowed(&self) -> bool {
@@ -410,14 +396,6 @@ impl Drop for OutboxReceiver {
 enum Direct<'a> {
     One(&'a [u8], Option<&'a Arc<PublishTimer>>),
     Many(&'a [(Utf8Bytes, Option<Arc<PublishTimer>>)], &'a [u8]),
-}
-
-/// What [`Outbox::deliver`] did.
-enum Delivery<'a> {
-    Refused,
-    Written,
-    /// To be queued: the locked queue, and whether it was empty (the task must be woken).
-    Queue(std::sync::MutexGuard<'a, Queue>, bool),
 }
 
 /// Most frames one direct write takes (a publisher's burst, as the connection task would batch it).

@@ -221,31 +221,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     ) -> Poll<io::Result<usize>> {
         assert!(payloads.len() <= MAX_FRAMES_PER_WRITE, "at most {MAX_FRAMES_PER_WRITE} frames per write");
         let total = controls.len() + payloads.iter().map(|payload| text_frame_len(payload.len())).sum::<usize>();
-        if total <= GATHER_BYTES {
-            return GATHER.with_borrow_mut(|buffer| {
+        let written = if total <= GATHER_BYTES {
+            ready!(GATHER.with_borrow_mut(|buffer| {
                 buffer.clear();
                 buffer.extend_from_slice(controls);
                 push_text_frames(buffer, payloads.iter().copied());
-                let rest = &buffer[skip..];
-                let written = ready!(Pin::new(&mut self.stream).poll_write(cx, rest))?;
-                if written == 0 && !rest.is_empty() {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(written))
-            });
-        }
-        let mut headers = [[0u8; 10]; MAX_FRAMES_PER_WRITE];
-        let mut slices = [IoSlice::new(&[]); 1 + 2 * MAX_FRAMES_PER_WRITE];
-        let mut count = 0;
-        if !controls.is_empty() {
-            slices[0] = IoSlice::new(controls);
-            count = 1;
-        }
-        count += text_frame_slices(payloads, &mut headers, &mut slices[count..]);
-        let mut slices = &mut slices[..count];
-        IoSlice::advance_slices(&mut slices, skip);
-        let written = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, slices))?;
-        if written == 0 && !slices.is_empty() {
+                Pin::new(&mut self.stream).poll_write(cx, &buffer[skip..])
+            }))?
+        } else {
+            let mut headers = [[0u8; 10]; MAX_FRAMES_PER_WRITE];
+            let mut slices = [IoSlice::new(&[]); 1 + 2 * MAX_FRAMES_PER_WRITE];
+            let mut count = 0;
+            if !controls.is_empty() {
+                slices[0] = IoSlice::new(controls);
+                count = 1;
+            }
+            count += text_frame_slices(payloads, &mut headers, &mut slices[count..]);
+            let mut slices = &mut slices[..count];
+            IoSlice::advance_slices(&mut slices, skip);
+            ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, slices))?
+        };
+        if written == 0 && skip < total {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
         Poll::Ready(Ok(written))
@@ -399,7 +395,7 @@ pub fn push_text_frames<'a>(out: &mut Vec<u8>, payloads: impl IntoIterator<Item 
 
 /// A text frame per payload, as `writev` slices: each header (built into `headers`, one per payload) followed by
 /// its payload, shared, without a copy. Fills the first 2 × `payloads.len()` of `slices` and returns that count.
-pub fn text_frame_slices<'a>(payloads: &[&'a [u8]], headers: &'a mut [[u8; 10]], slices: &mut [IoSlice<'a>]) -> usize {
+fn text_frame_slices<'a>(payloads: &[&'a [u8]], headers: &'a mut [[u8; 10]], slices: &mut [IoSlice<'a>]) -> usize {
     for ((payload, header), pair) in payloads.iter().zip(headers).zip(slices.chunks_exact_mut(2)) {
         let len = encode_header(header, opcode::TEXT, payload.len());
         let header: &'a [u8; 10] = header;
